@@ -1,0 +1,130 @@
+"""Image and mask codecs. Bad input is an :class:`ImageError` with a reason, never a crash.
+
+Decoding normalises what real collections contain (EXIF rotation, gray, palette,
+RGBA, CMYK, 16-bit) to one thing: an ``(H, W, 3) uint8`` RGB array. Masks are
+palette PNGs whose pixel value is the class index (the Pascal VOC convention), so
+they open as class maps in any tool and as coloured pictures in any viewer.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Pillow's own bomb check is a process-wide constant; ours is per call (``max_pixels``)
+# and runs on the header before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: far above any photo, far below a decompression bomb
+IGNORE_LABEL = 255  # VOC object borders and padding: excluded from loss and metrics
+
+VOC_CLASSES = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+)  # fmt: skip
+
+
+def voc_palette() -> np.ndarray:
+    """The 256-entry Pascal VOC colour map, ``(256, 3) uint8`` (bit-interleaved class ids)."""
+    palette = np.zeros((256, 3), np.uint8)
+    for index in range(256):
+        c, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[index] = (r, g, b)
+    return palette
+
+
+VOC_PALETTE = voc_palette()
+
+
+class ImageError(ValueError):
+    """An input that cannot be segmented; ``str(err)`` is the reason recorded in outputs."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> ``(H, W, 3) uint8`` RGB, upright as the camera meant it."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only: size is known, pixels are not
+    except Exception as err:  # Pillow raises many types for garbage input
+        raise ImageError(f"not an image: {type(err).__name__}: {err}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"too many pixels: {width}x{height} = {width * height} > max_pixels={max_pixels}"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"empty image: {width}x{height}")
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+    except Exception as err:
+        raise ImageError(f"corrupt image: {type(err).__name__}: {err}") from None
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> ``(H, W, 3) uint8``; 16-bit and float modes are rescaled, not clipped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        gray = np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # L, LA, 1, P, RGBA (alpha dropped), CMYK, YCbCr
+    return np.asarray(image, dtype=np.uint8)
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8`` (bilinear, stretched as in training)."""
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Class map resize with nearest neighbour, so no class value is ever invented."""
+    if mask.shape == (height, width):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """``(H, W) uint8`` class map -> palette PNG bytes (pixel value = class index)."""
+    image = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
+    image.putpalette(VOC_PALETTE.tobytes())
+    out = io.BytesIO()
+    image.save(out, format="PNG", optimize=False, compress_level=1)
+    return out.getvalue()
+
+
+def decode_mask_png(data: bytes) -> np.ndarray:
+    """Palette (or gray) PNG -> ``(H, W) uint8`` class map; the palette is ignored."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode not in ("P", "L"):
+        raise ImageError(f"mask must be a palette or gray PNG, got mode {image.mode}")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Image with class colours blended over it, ``(H, W, 3) uint8``; background stays clear."""
+    colours = VOC_PALETTE[mask].astype(np.float32)
+    weight = np.where(mask[..., None] > 0, alpha, 0.0)
+    return (image * (1 - weight) + colours * weight).astype(np.uint8)

@@ -1,0 +1,246 @@
+"""Architectures and model loading: everything that turns a name or a URI into a keras-hub segmenter.
+
+A model is always a keras-hub *preset directory* (``save_to_preset`` / ``from_preset``),
+so what ``model create`` writes, what training checkpoints and what ``predict`` and
+``serve`` load are the same kind of thing. ``--model`` may be:
+
+- an architecture name (``tiny``, ``deeplabv3plus_resnet50``, ``segformer_b0`` ...): random init, offline;
+- a local preset directory;
+- an ``s3://`` preset directory (copied once into a local cache);
+- a keras-hub preset name (``deeplab_v3_plus_resnet50_pascalvoc``): downloaded by keras-hub, needs internet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+
+import keras
+import keras_hub
+
+from raydeeplab import storage
+from raydeeplab.data.images import VOC_CLASSES
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+SIDECAR = "raydeeplab.json"  # class names and input size, next to keras-hub's own files
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab")
+
+
+class ModelError(ValueError):
+    """A ``--model`` value that names nothing loadable."""
+
+
+@dataclass(frozen=True)
+class ResNetSpec:
+    block_type: str
+    blocks: tuple[int, int, int, int]
+    filters: tuple[int, int, int, int] = (64, 128, 256, 512)
+    stem_filters: int = 64
+    pre_activation: bool = False
+
+
+@dataclass(frozen=True)
+class MiTSpec:
+    depths: tuple[int, int, int, int]
+    hidden_dims: tuple[int, int, int, int]
+    projection_filters: int
+
+
+RESNETS = {
+    "resnet18": ResNetSpec("basic_block", (2, 2, 2, 2)),
+    "resnet50": ResNetSpec("bottleneck_block", (3, 4, 6, 3)),
+    "resnet101": ResNetSpec("bottleneck_block", (3, 4, 23, 3)),
+}
+# Table 7 of the SegFormer paper (MiT-B0 ... B5).
+MITS = {
+    "b0": MiTSpec((2, 2, 2, 2), (32, 64, 160, 256), 256),
+    "b1": MiTSpec((2, 2, 2, 2), (64, 128, 320, 512), 256),
+    "b2": MiTSpec((3, 4, 6, 3), (64, 128, 320, 512), 768),
+    "b3": MiTSpec((3, 4, 18, 3), (64, 128, 320, 512), 768),
+    "b4": MiTSpec((3, 8, 27, 3), (64, 128, 320, 512), 768),
+    "b5": MiTSpec((3, 6, 40, 3), (64, 128, 320, 512), 768),
+}
+# keras-hub requires 64 filters in the stem and first stage; the rest is kept small for 2-core CI.
+TINY_RESNET = ResNetSpec("basic_block", (1, 1, 1, 1), filters=(64, 32, 32, 32))
+
+
+def architectures() -> list[str]:
+    names = ["tiny"]
+    for depth in RESNETS:
+        names += [f"deeplabv3plus_{depth}", f"deeplabv3plus_{depth}_v2"]
+    return names + [f"segformer_{size}" for size in MITS]
+
+
+def build_segmenter(
+    arch: str, num_classes: int, image_size: int
+) -> keras_hub.models.ImageSegmenter:
+    """A randomly initialised segmenter with its preprocessor (ImageNet normalisation)."""
+    if num_classes < 2:
+        raise ModelError(f"--num-classes must be at least 2, got {num_classes}")
+    if image_size % 32:
+        raise ModelError(f"--image-size must be a multiple of 32, got {image_size}")
+    if arch == "tiny":
+        return deeplab_v3_plus(build_resnet(TINY_RESNET), num_classes, image_size)
+    if arch.startswith("deeplabv3plus_"):
+        depth, _, version = arch[len("deeplabv3plus_") :].partition("_")
+        if depth in RESNETS and version in ("", "v2"):
+            spec = RESNETS[depth]
+            if version == "v2":
+                spec = ResNetSpec(**{**spec.__dict__, "pre_activation": True})
+            return deeplab_v3_plus(build_resnet(spec), num_classes, image_size)
+    if arch.startswith("segformer_") and arch[len("segformer_") :] in MITS:
+        return segformer(MITS[arch[len("segformer_") :]], num_classes, image_size)
+    raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(architectures())}")
+
+
+def build_resnet(spec: ResNetSpec) -> keras_hub.models.ResNetBackbone:
+    return keras_hub.models.ResNetBackbone(
+        input_conv_filters=[spec.stem_filters],
+        input_conv_kernel_sizes=[7],
+        stackwise_num_filters=list(spec.filters),
+        stackwise_num_blocks=list(spec.blocks),
+        stackwise_num_strides=[1, 2, 2, 2],
+        block_type=spec.block_type,
+        use_pre_activation=spec.pre_activation,
+    )
+
+
+def image_converter(cls, image_size: int):
+    """Resize plus ImageNet normalisation; ``predict`` reads its scale/offset to normalise on device."""
+    return cls(
+        image_size=(image_size, image_size),
+        scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
+        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
+    )
+
+
+def deeplab_v3_plus(
+    encoder: keras.Model, num_classes: int, image_size: int
+) -> keras_hub.models.DeepLabV3ImageSegmenter:
+    """DeepLabV3+: ASPP (rates 6/12/18) on the stride-16 features, P2 decoder (paper, Fig. 2)."""
+    backbone = keras_hub.models.DeepLabV3Backbone(
+        image_encoder=encoder,
+        spatial_pyramid_pooling_key="P4",  # output stride 16
+        upsampling_size=4,  # P4 (1/16) -> P2 (1/4), where the low-level features join
+        dilation_rates=[6, 12, 18],
+        low_level_feature_key="P2",
+        projection_filters=48,
+    )
+    preprocessor = keras_hub.models.DeepLabV3ImageSegmenterPreprocessor(
+        image_converter=image_converter(keras_hub.layers.DeepLabV3ImageConverter, image_size)
+    )
+    return keras_hub.models.DeepLabV3ImageSegmenter(
+        backbone=backbone, num_classes=num_classes, preprocessor=preprocessor
+    )
+
+
+def segformer(spec: MiTSpec, num_classes: int, image_size: int):
+    encoder = keras_hub.models.MiTBackbone(
+        layerwise_depths=list(spec.depths),
+        num_layers=4,
+        layerwise_num_heads=[1, 2, 5, 8],
+        layerwise_sr_ratios=[8, 4, 2, 1],
+        max_drop_path_rate=0.1,
+        layerwise_patch_sizes=[7, 3, 3, 3],
+        layerwise_strides=[4, 2, 2, 2],
+        hidden_dims=list(spec.hidden_dims),
+        image_shape=(image_size, image_size, 3),
+    )
+    backbone = keras_hub.models.SegFormerBackbone(
+        image_encoder=encoder, projection_filters=spec.projection_filters
+    )
+    preprocessor = keras_hub.models.SegFormerImageSegmenterPreprocessor(
+        image_converter=image_converter(keras_hub.layers.SegFormerImageConverter, image_size)
+    )
+    return keras_hub.models.SegFormerImageSegmenter(
+        backbone=backbone, num_classes=num_classes, preprocessor=preprocessor
+    )
+
+
+def class_names(num_classes: int) -> list[str]:
+    if num_classes == len(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return [f"class_{i}" for i in range(num_classes)]
+
+
+def save_model(model: keras_hub.models.ImageSegmenter, uri: str, **sidecar) -> None:
+    """Save a loadable preset (local or ``s3://``) with a small JSON of our own beside it."""
+    info = {
+        "num_classes": model.num_classes,
+        "image_size": input_size(model),
+        "class_names": class_names(model.num_classes),
+        **sidecar,
+    }
+    if storage.is_remote(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, tmp, **sidecar)
+            storage.upload_dir(tmp, uri)
+        return
+    model.save_to_preset(uri)
+    with open(os.path.join(uri, SIDECAR), "w") as f:
+        json.dump(info, f, indent=2)
+
+
+def create_model(arch: str, num_classes: int, image_size: int, output: str) -> None:
+    """``raydeeplab model create``: a random-init preset anyone can load offline."""
+    save_model(build_segmenter(arch, num_classes, image_size), output, architecture=arch)
+
+
+def input_size(model: keras_hub.models.ImageSegmenter) -> int:
+    """The square size the model was made for (its image converter's), e.g. 512."""
+    size = model.preprocessor.image_converter.image_size
+    return int(size[0])
+
+
+def check_model_spec(spec: str) -> None:
+    """Cheap check, before any cluster work, that ``spec`` names something loadable."""
+    if spec in architectures():
+        return
+    if storage.is_remote(spec) or os.path.isdir(spec):
+        if not storage.exists(storage.join(spec, "config.json")):
+            raise ModelError(f"--model {spec}: not a keras-hub preset (no config.json)")
+        return
+    if spec in keras_hub.models.ImageSegmenter.presets:
+        return
+    raise ModelError(
+        f"--model {spec!r} is not an architecture ({', '.join(architectures())}), "
+        "a preset directory, an s3:// preset or a keras-hub segmenter preset"
+    )
+
+
+def local_preset(spec: str, cache_dir: str = DEFAULT_CACHE) -> str:
+    """A local directory or name that ``from_preset`` understands; remote presets are cached."""
+    if not storage.is_remote(spec):
+        return spec
+    key = hashlib.sha1(storage.normalize(spec).encode()).hexdigest()[:16]
+    local = os.path.join(cache_dir, "presets", key)
+    if not os.path.exists(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        storage.download_dir(spec, local)
+    return local
+
+
+def load_model(
+    spec: str,
+    num_classes: int = 21,
+    image_size: int = 512,
+    dtype: str | None = None,
+    cache_dir: str = DEFAULT_CACHE,
+) -> keras_hub.models.ImageSegmenter:
+    """Any ``--model`` value -> segmenter. ``num_classes``/``image_size`` only apply to architectures."""
+    check_model_spec(spec)
+    if spec in architectures():
+        model = build_segmenter(spec, num_classes, image_size)
+        return model if dtype is None else rebuild_with_dtype(model, dtype)
+    kwargs = {"dtype": dtype} if dtype else {}
+    return keras_hub.models.ImageSegmenter.from_preset(local_preset(spec, cache_dir), **kwargs)
+
+
+def rebuild_with_dtype(model, dtype: str):
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_to_preset(tmp)
+        return keras_hub.models.ImageSegmenter.from_preset(tmp, dtype=dtype)
