@@ -23,6 +23,7 @@ import keras_hub
 
 from raydeeplab import storage
 from raydeeplab.data.images import VOC_CLASSES
+from raydeeplab.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +31,7 @@ SIDECAR = "raydeeplab.json"  # class names and input size, next to keras-hub's o
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab")
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
     """A ``--model`` value that names nothing loadable."""
 
 
@@ -212,6 +213,40 @@ def check_model_spec(spec: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the CPU stages need to know about a model without building it."""
+
+    num_classes: int
+    image_size: int
+    class_names: tuple[str, ...]
+
+
+def default_image_size(arch: str) -> int:
+    return 128 if arch == "tiny" else 512
+
+
+def describe_model(spec: str, num_classes: int = 21, image_size: int | None = None) -> ModelInfo:
+    """Read class count and input size from a preset's JSON files (no weights are loaded)."""
+    check_model_spec(spec)
+    if spec in architectures():
+        size = image_size or default_image_size(spec)
+        return ModelInfo(num_classes, size, tuple(class_names(num_classes)))
+    if storage.is_remote(spec) or os.path.isdir(spec):
+        read = lambda name: json.loads(storage.read_bytes(storage.join(spec, name)))  # noqa: E731
+    else:
+        from keras_hub.src.utils.preset_utils import load_json  # downloads a hub preset's JSON
+
+        read = lambda name: load_json(spec, name)  # noqa: E731
+    task = read("task.json")["config"]
+    size = int(read("image_converter.json")["config"]["image_size"][0])
+    names = class_names(task["num_classes"])
+    if storage.is_remote(spec) or os.path.isdir(spec):
+        if storage.exists(storage.join(spec, SIDECAR)):
+            names = read(SIDECAR)["class_names"]
+    return ModelInfo(task["num_classes"], size, tuple(names))
+
+
 def local_preset(spec: str, cache_dir: str = DEFAULT_CACHE) -> str:
     """A local directory or name that ``from_preset`` understands; remote presets are cached."""
     if not storage.is_remote(spec):
@@ -227,14 +262,15 @@ def local_preset(spec: str, cache_dir: str = DEFAULT_CACHE) -> str:
 def load_model(
     spec: str,
     num_classes: int = 21,
-    image_size: int = 512,
+    image_size: int | None = None,
     dtype: str | None = None,
     cache_dir: str = DEFAULT_CACHE,
 ) -> keras_hub.models.ImageSegmenter:
     """Any ``--model`` value -> segmenter. ``num_classes``/``image_size`` only apply to architectures."""
     check_model_spec(spec)
     if spec in architectures():
-        model = build_segmenter(spec, num_classes, image_size)
+        keras.utils.set_random_seed(0)  # every actor must build the same random weights
+        model = build_segmenter(spec, num_classes, image_size or default_image_size(spec))
         return model if dtype is None else rebuild_with_dtype(model, dtype)
     kwargs = {"dtype": dtype} if dtype else {}
     return keras_hub.models.ImageSegmenter.from_preset(local_preset(spec, cache_dir), **kwargs)

@@ -1,0 +1,86 @@
+"""Typed run configurations. A YAML file and command-line flags both end up here, and every
+value is checked before any cluster work: the error names the flag and the value received.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, TypeVar
+
+import yaml
+
+from raydeeplab.errors import UserError
+
+T = TypeVar("T")
+
+
+class ConfigError(UserError):
+    """A bad flag or config value; the message names the field."""
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    input: str
+    output: str
+    model: str
+    batch_size: int = 16
+    image_size: int | None = None  # architectures only; presets carry their own size
+    num_classes: int = 21  # architectures only
+    actors: int | None = None  # default: one per GPU, or one on a CPU-only cluster
+    gpus_per_actor: float | None = None  # default: 1 when the cluster has GPUs, else 0
+    cpus_per_actor: float = 1.0
+    decode_batch_size: int = 32
+    max_pixels: int = 100_000_000
+    max_error_rate: float = 1.0
+    precision: str | None = None  # default: bfloat16 on GPU, float32 on CPU
+    compile_cache: str | None = None
+    model_cache: str | None = None
+
+    def validate(self) -> None:
+        for name in ("batch_size", "decode_batch_size", "max_pixels", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.image_size is not None and (self.image_size < 32 or self.image_size % 32):
+            raise ConfigError(f"--image-size must be a multiple of 32, got {self.image_size}")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--actors must be >= 1, got {self.actors}")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must be >= 0, got {self.gpus_per_actor}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ConfigError(f"--max-error-rate must be in [0, 1], got {self.max_error_rate}")
+        if self.precision not in (None, "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"--precision must be float32, bfloat16 or float16, got {self.precision!r}"
+            )
+
+
+def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
+    """Build a config dataclass; unknown keys fail loudly instead of being ignored."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {sorted(fields)}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
+    """YAML file (optional) + flags that were actually given (non-None) -> config."""
+    values: dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"--config {path}: no such file")
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of keys to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, values, source=path or "flags")
