@@ -240,10 +240,13 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def decode_task_args() -> dict:
-    """Decoding gets tasks of its own: with a args function Ray Data never fuses it into the
-    GPU actor, so decoding runs on other cores while the actor feeds the device."""
-    return {"num_cpus": 1}
+def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
+    """Bytes a decode task holds: its output batch plus source images (~4x the model size each).
+
+    Declaring it also keeps Ray Data from fusing decoding into the GPU actor (their resource
+    requests differ), so decoding runs in tasks on other cores while the actor feeds the device.
+    """
+    return cfg.decode_batch_size * image_size * image_size * 3 * 5
 
 
 def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
@@ -265,7 +268,7 @@ def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
             batch_size=cfg.decode_batch_size,
             batch_format="numpy",
             fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels},
-            ray_remote_args_fn=decode_task_args,
+            memory=decode_task_memory(cfg, info.image_size),
         )
         .map_batches(
             SegmenterPredictor,

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 import uuid
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+
+from tests.s3_server import start_moto_server, stop_moto_server  # noqa: E402
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -21,41 +19,16 @@ S3_ENV = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server subprocess on 127.0.0.1 (as s3fs's own suite does); yields its endpoint."""
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    process, endpoint = start_moto_server()
     saved = {k: os.environ.get(k) for k in [*S3_ENV, "AWS_ENDPOINT_URL"]}
     os.environ.update(S3_ENV, AWS_ENDPOINT_URL=endpoint)
     try:
-        wait_for_port(port)
         yield endpoint
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_moto_server(process)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -22,7 +22,8 @@ def reference_iou(truth, pred, num_classes):
 
 def random_pair(rng, shape, num_classes, ignore_fraction=0.1):
     truth = rng.integers(0, num_classes, shape).astype(np.uint8)
-    pred = np.where(rng.random(shape) < 0.6, truth, rng.integers(0, num_classes, shape)).astype(np.uint8)
+    noise = rng.integers(0, num_classes, shape)
+    pred = np.where(rng.random(shape) < 0.6, truth, noise).astype(np.uint8)
     truth[rng.random(shape) < ignore_fraction] = IGNORE
     return truth, pred
 

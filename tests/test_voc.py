@@ -2,13 +2,10 @@ import io
 import os
 import uuid
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
-from s3_server import start_moto_server, stop_moto_server
 
 from raydeeplab import storage
 from raydeeplab.data import synthetic
@@ -23,26 +20,7 @@ from raydeeplab.data.voc import (
     voc_pairs,
 )
 
-BUCKET = "raydeeplab-test"
 SIZE = (48, 64)  # (height, width): small keeps the S3 round trips cheap
-
-
-@pytest.fixture(scope="module")
-def s3_bucket():
-    """``s3://raydeeplab-test`` on a moto server, reached through ``AWS_ENDPOINT_URL``."""
-    process, endpoint = start_moto_server()
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("AWS_ENDPOINT_URL", endpoint)
-        env.setenv("AWS_ACCESS_KEY_ID", "testing")
-        env.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        s3fs.S3FileSystem.clear_instance_cache()  # instances made before carry other settings
-        fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}).mkdir(BUCKET)
-        try:
-            yield f"s3://{BUCKET}"
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
-            stop_moto_server(process)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -50,7 +28,7 @@ def root(request, tmp_path):
     """A fresh, empty dataset root: a local folder, then an S3 prefix."""
     if request.param == "local":
         return str(tmp_path)
-    return f"{request.getfixturevalue('s3_bucket')}/{uuid.uuid4().hex[:8]}"
+    return f"{request.getfixturevalue('bucket')}/{uuid.uuid4().hex[:8]}"
 
 
 def ids(pairs):
@@ -115,8 +93,10 @@ def test_generic_folders_and_manifests_list_the_same_pairs(root):
     relative = [(f"images/{i}.jpg", f"masks/{i}.png") for i in ids(pairs)]
     csv_text = "image,mask\n" + "".join(f"{a},{b}\n" for a, b in relative)
     storage.write_bytes(storage.join(root, "list.csv"), csv_text.encode())
-    storage.write_bytes(storage.join(root, "list.txt"), "".join(f"{a} {b}\n" for a, b in relative).encode())
-    table = pa.table({"image": [p["image_uri"] for p in pairs], "mask": [p["mask_uri"] for p in pairs]})
+    text = "".join(f"{a} {b}\n" for a, b in relative)
+    storage.write_bytes(storage.join(root, "list.txt"), text.encode())
+    images, masks = [p["image_uri"] for p in pairs], [p["mask_uri"] for p in pairs]
+    table = pa.table({"image": images, "mask": masks})  # absolute URIs this time
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(root, "list.parquet"), buffer.getvalue())
@@ -175,7 +155,8 @@ def test_class_colours_are_what_a_model_can_learn(tmp_path):
         image, mask = load_example(**example)
         for k in np.unique(mask[mask > 0]):
             inside = mask == k
-            inside[1:-1, 1:-1] &= inside[:-2, 1:-1] & inside[2:, 1:-1]  # away from JPEG-blurred edges
+            # away from the edges, which JPEG blurs
+            inside[1:-1, 1:-1] &= inside[:-2, 1:-1] & inside[2:, 1:-1]
             mean = image[inside].astype(float).mean(axis=0)
             nearest = np.argmin(np.abs(colours[1:] - mean).sum(axis=1)) + 1
             assert nearest == k

@@ -44,7 +44,9 @@ def is_val(index: int) -> bool:
     return index % VAL_EVERY == VAL_EVERY - 1
 
 
-def background(rng: np.random.Generator, height: int, width: int, photos: list | None) -> np.ndarray:
+def background(
+    rng: np.random.Generator, height: int, width: int, photos: list | None
+) -> np.ndarray:
     """``(H, W, 3) uint8``: a random crop of a photo, or low-saturation blotchy noise."""
     if photos:
         photo = photos[rng.integers(len(photos))]
@@ -129,7 +131,8 @@ def make_shapes_dataset(
     photos: bool = False,
     first_index: int = 0,
 ) -> dict[str, list[str]]:
-    """Write ``n`` examples to ``root`` (local or ``s3://``); returns ``{"train": ids, "val": ids}``.
+    """Write ``n`` examples below ``root`` (local or ``s3://``); returns the ids per split,
+    ``{"train": [...], "val": [...]}`` (every ``VAL_EVERY``-th example is val).
 
     Layouts, as the readers in :mod:`raydeeplab.data.voc` expect them:
 
@@ -150,15 +153,19 @@ def make_shapes_dataset(
     backgrounds = load_photos() if photos else None
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for index in range(first_index, first_index + n):
-        image, mask = draw_example(np.random.default_rng([seed, index]), *size, num_classes, backgrounds)
+        rng = np.random.default_rng([seed, index])  # the same example in every layout
+        image, mask = draw_example(rng, *size, num_classes, backgrounds)
         if layout == "voc":  # the SBD copy has the same pixels; only VOC marks borders
             mask = mark_borders(mask, 2)
         name = image_id(index)
         write(root, image_file.format(name), encode_jpeg(image))
-        write(root, mask_file.format(name), encode_mat(mask) if layout == "sbd" else encode_mask_png(mask))
+        mask_bytes = encode_mat(mask) if layout == "sbd" else encode_mask_png(mask)
+        write(root, mask_file.format(name), mask_bytes)
         splits["val" if is_val(index) else "train"].append(name)
     if split_file:
-        lists = {**splits, "trainval": sorted(splits["train"] + splits["val"])} if layout == "voc" else splits
+        lists = dict(splits)
+        if layout == "voc":
+            lists["trainval"] = sorted(splits["train"] + splits["val"])
         for split, ids in lists.items():
             write(root, split_file.format(split), "".join(f"{i}\n" for i in ids).encode())
     return splits

@@ -24,7 +24,9 @@ def check_pair(image: np.ndarray, mask: np.ndarray) -> None:
         )
 
 
-def random_flip(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> Pair:
+def random_flip(
+    image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, p: float = 0.5
+) -> Pair:
     """Left-right flip of both with probability ``p``."""
     if rng.random() < p:
         return image[:, ::-1].copy(), mask[:, ::-1].copy()
@@ -49,7 +51,9 @@ def random_scale(
 
 
 def pad_and_crop(image: np.ndarray, mask: np.ndarray, size: int, rng: np.random.Generator) -> Pair:
-    """Pad bottom/right to at least ``size`` (image 0, mask 255), then a random ``size`` square crop."""
+    """Pad bottom/right to at least ``size`` (image 0, mask 255), then a random square crop."""
+    if size < 1:
+        raise ValueError(f"crop size must be positive, got {size}")
     height, width = mask.shape
     pad_h, pad_w = max(size - height, 0), max(size - width, 0)
     if pad_h or pad_w:
@@ -76,7 +80,7 @@ def train_transform(
     min_scale: float = 0.5,
     max_scale: float = 2.0,
 ) -> Pair:
-    """Flip -> random scale -> pad and crop: ``(size, size, 3) uint8`` and ``(size, size) uint8``."""
+    """Flip -> random scale -> pad and crop to ``(size, size, 3)`` and ``(size, size)`` uint8."""
     check_pair(image, mask)
     image, mask = random_flip(image, mask, rng)
     image, mask = random_scale(image, mask, rng, min_scale, max_scale)

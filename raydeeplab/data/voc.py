@@ -74,7 +74,8 @@ def voc_pairs(root: str, split: str) -> list[Pair]:
 
 
 def sbd_ids(root: str, split: str) -> list[str]:
-    return read_split(storage.join(root, "dataset", f"{split}.txt"), "SBD: root/dataset/<split>.txt")
+    split_uri = storage.join(root, "dataset", f"{split}.txt")
+    return read_split(split_uri, "SBD: root/dataset/<split>.txt")
 
 
 def sbd_pair(root: str, image_id: str) -> Pair:
@@ -96,7 +97,8 @@ def train_aug_pairs(voc_root: str, sbd_root: str) -> list[Pair]:
     VOC val stays out so that validating on it stays honest; ids in VOC train keep VOC's
     PNG mask (finer, with ignore borders), the others use SBD's image and ``.mat``.
     """
-    chosen = {i: sbd_pair(sbd_root, i) for split in ("train", "val") for i in sbd_ids(sbd_root, split)}
+    sbd_all = sbd_ids(sbd_root, "train") + sbd_ids(sbd_root, "val")
+    chosen = {i: sbd_pair(sbd_root, i) for i in sbd_all}
     for image_id in voc_ids(voc_root, "val"):
         chosen.pop(image_id, None)
     chosen.update((i, voc_pair(voc_root, i)) for i in voc_ids(voc_root, "train"))
@@ -113,7 +115,7 @@ def generic_pairs(root: str) -> list[Pair]:
         raise DatasetError(f"{root}: no such dataset folder or manifest")
     if not storage.isdir(root):
         base = parent(root)
-        return [pair(resolve(base, image), resolve(base, mask)) for image, mask in manifest_rows(root)]
+        return [pair(resolve(base, im), resolve(base, mask)) for im, mask in manifest_rows(root)]
     images_dir, masks_dir = storage.join(root, "images"), storage.join(root, "masks")
     images = storage.list_files(images_dir, IMAGE_EXTENSIONS) if storage.isdir(images_dir) else []
     if not images:
@@ -149,7 +151,9 @@ def manifest_rows(uri: str) -> list[tuple[str, str]]:
 
 
 def parent(uri: str) -> str:
-    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(os.path.abspath(uri))
+    if storage.is_remote(uri):
+        return posixpath.dirname(uri)
+    return os.path.dirname(os.path.abspath(uri))
 
 
 def resolve(base: str, uri: str) -> str:

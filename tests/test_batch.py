@@ -1,0 +1,155 @@
+"""Batch inference end to end on a real local Ray cluster, against real files and a real S3 server."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from raydeeplab import storage
+from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, PATH, run_predict
+from raydeeplab.cli import main
+from raydeeplab.config import ConfigError, PredictConfig
+from raydeeplab.data.images import decode_mask_png, encode_jpeg
+from tests.corpus import BOMB_LIMIT, photo, write_corpus
+
+
+def read_rows(output: str) -> list[dict]:
+    rows = []
+    for part in storage.list_files(storage.join(output, "predictions"), (".parquet",)):
+        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
+    return rows
+
+
+def write_photos(folder: str, count: int, subdir: str = "") -> list[str]:
+    """JPEGs of varied sizes (so masks must come back at each source size)."""
+    uris = []
+    for i in range(count):
+        uri = storage.join(folder, subdir, f"img_{i:03d}.jpg") if subdir else storage.join(folder, f"img_{i:03d}.jpg")
+        storage.write_bytes(uri, encode_jpeg(photo(30 + 7 * i, 50 + 3 * i)))
+        uris.append(uri)
+    return uris
+
+
+def config(input_uri: str, output: str, model: str, **kwargs) -> PredictConfig:
+    return PredictConfig(input=input_uri, output=output, model=model, batch_size=4, decode_batch_size=4, **kwargs)
+
+
+def test_s3_to_s3_every_input_gets_one_row_and_a_valid_mask(ray_local, bucket, tiny_model):
+    write_photos(f"{bucket}/in", 6)
+    write_photos(f"{bucket}/in", 3, subdir="nested/deeper")
+    summary = run_predict(config(f"{bucket}/in", f"{bucket}/out", tiny_model))
+
+    assert (summary.ok, summary.failed, summary.skipped) == (9, 0, 0)
+    rows = read_rows(f"{bucket}/out")
+    inputs = storage.list_files(f"{bucket}/in")
+    assert sorted(r[PATH] for r in rows) == sorted(inputs)
+    for row in rows:
+        assert row[ERROR] is None
+        assert row[MASK_PATH] == row[PATH].replace(f"{bucket}/in/", f"{bucket}/out/masks/") + ".png"
+        mask = decode_mask_png(storage.read_bytes(row[MASK_PATH]))
+        assert mask.shape == (row["height"], row["width"])
+        assert mask.max() < 5  # tiny_model has 5 classes
+        np.testing.assert_array_equal(row[CLASS_PIXELS], np.bincount(mask.ravel(), minlength=5))
+    record = json.loads(storage.read_bytes(f"{bucket}/out/_run.json"))
+    assert record["ok"] == 9 and record["model"] == tiny_model
+
+
+def test_bad_inputs_are_recorded_row_by_row_and_the_rest_succeeds(ray_local, tmp_path, tiny_model):
+    expectations = write_corpus(str(tmp_path / "in"))
+    summary = run_predict(config(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, max_pixels=BOMB_LIMIT))
+
+    rows = {r[PATH].rsplit("/", 1)[-1]: r for r in read_rows(str(tmp_path / "out"))}
+    assert set(rows) == set(expectations)
+    for name, expected in expectations.items():
+        row = rows[name]
+        if isinstance(expected, str):
+            assert row[ERROR].startswith(expected), (name, row[ERROR])
+            assert row[MASK_PATH] is None
+        else:
+            assert row[ERROR] is None, (name, row[ERROR])
+            mask = decode_mask_png(storage.read_bytes(row[MASK_PATH]))
+            assert mask.shape == expected, name  # EXIF-rotated: the upright size
+    failures = sum(isinstance(e, str) for e in expectations.values())
+    assert (summary.ok, summary.failed) == (len(expectations) - failures, failures)
+    assert summary.errors_by_reason == {"empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1}
+
+
+def test_padding_does_not_change_masks(ray_local, tmp_path, tiny_model):
+    """7 images through batch 4 (one padded batch) and batch 7 (none) give identical masks."""
+    write_photos(str(tmp_path / "in"), 7)
+    masks = []
+    for batch_size in (4, 7):
+        out = tmp_path / f"out{batch_size}"
+        cfg = PredictConfig(input=str(tmp_path / "in"), output=str(out), model=tiny_model, batch_size=batch_size)
+        run_predict(cfg)
+        masks.append({p.name: decode_mask_png(p.read_bytes()) for p in (out / "masks").glob("*.png")})
+    assert len(masks[0]) == 7 and masks[0].keys() == masks[1].keys()
+    for name in masks[0]:
+        np.testing.assert_array_equal(masks[0][name], masks[1][name])
+
+
+def test_rerun_skips_completed_inputs_and_processes_new_ones(ray_local, tmp_path, tiny_model):
+    write_photos(str(tmp_path / "in"), 5)
+    cfg = config(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model)
+    assert run_predict(cfg).ok == 5
+    storage.write_bytes(str(tmp_path / "in" / "late.jpg"), encode_jpeg(photo()))
+    again = run_predict(cfg)
+    assert (again.skipped, again.ok) == (5, 1)
+    paths = [r[PATH] for r in read_rows(str(tmp_path / "out"))]
+    assert len(paths) == len(set(paths)) == 6
+
+
+def test_manifest_input(ray_local, bucket, tmp_path, tiny_model):
+    uris = write_photos(f"{bucket}/photos", 3)
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(uris + [f"{bucket}/photos/missing.jpg"]) + "\n")
+    summary = run_predict(config(str(manifest), str(tmp_path / "out"), tiny_model))
+    assert (summary.ok, summary.failed) == (3, 1)
+    assert summary.errors_by_reason == {"unreadable": 1}
+
+
+def test_cli_fails_the_job_when_error_rate_exceeds_the_limit(ray_local, tmp_path, tiny_model, capsys):
+    write_photos(str(tmp_path / "in"), 2)
+    (tmp_path / "in" / "junk.jpg").write_bytes(b"junk")
+    args = ["predict", "--input", str(tmp_path / "in"), "--model", tiny_model, "--batch-size", "2"]
+    assert main([*args, "--output", str(tmp_path / "a")]) == 0  # default 1.0: never fails
+    assert main([*args, "--output", str(tmp_path / "b"), "--max-error-rate", "0.2"]) == 1
+    assert "1/3 inputs failed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--input", "/nonexistent/photos"], "--input /nonexistent/photos: no such file"),
+        (["--model", "resnet_9000"], "--model 'resnet_9000' is not"),
+        (["--output", "{input}/out"], "is inside --input"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-error-rate", "2"], "--max-error-rate must be in [0, 1], got 2.0"),
+        (["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),
+    ],
+)
+def test_bad_flags_fail_before_any_cluster_work(tmp_path, tiny_model, capsys, flags, message, monkeypatch):
+    import raydeeplab.cli
+
+    (tmp_path / "in").mkdir()
+    started = []
+    monkeypatch.setattr(raydeeplab.cli, "init_ray", lambda address: started.append(address))
+    base = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--model": tiny_model}
+    base.update(dict(zip(flags[::2], [v.format(input=tmp_path / "in") for v in flags[1::2]])))
+    argv = ["predict", *[x for kv in base.items() for x in kv]]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert started == []  # Ray was never started
+
+
+def test_unknown_config_key_names_the_key(tmp_path):
+    from raydeeplab.config import load_config
+
+    path = tmp_path / "predict.yaml"
+    path.write_text("input: a\noutput: b\nmodel: tiny\nbatchsize: 4\n")
+    with pytest.raises(ConfigError, match="unknown key.*batchsize"):
+        load_config(PredictConfig, str(path), {})
