@@ -234,10 +234,14 @@ class RunSummary:
         )
 
 
-def cluster_gpus() -> float:
+def actor_resources(cfg: PredictConfig) -> tuple[float, int]:
+    """(GPUs per actor, actors): one actor per GPU by default; one CPU actor without GPUs."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    gpus = float(ray.cluster_resources().get("GPU", 0))
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
+    actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+    return gpus_per_actor, actors
 
 
 def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
@@ -256,9 +260,7 @@ def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
     from raydeeplab.model import describe_model
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
-    gpus = cluster_gpus()
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
-    actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
+    gpus_per_actor, actors = actor_resources(cfg)
     num_blocks = max(1, min(len(todo) // cfg.decode_batch_size + 1, 10_000))
     items = [{PATH: uri, RELPATH: rel} for uri, rel in todo]
     return (

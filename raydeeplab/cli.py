@@ -4,36 +4,56 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # training needs JAX; one backend everywhere by default
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from raydeeplab.config import PredictConfig, load_config  # noqa: E402
+from raydeeplab.config import PredictConfig, TrainConfig, load_config  # noqa: E402
+from raydeeplab.evaluate import EvaluateConfig  # noqa: E402
 from raydeeplab.errors import UserError  # noqa: E402
 
-WORKER_ENV = ("KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+WORKER_ENV = ("KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL", "RAY_TRAIN_V2_ENABLED")
 
 
-def add_predict_flags(parser: argparse.ArgumentParser) -> None:
-    add = parser.add_argument
-    add("--config", help="YAML file of PredictConfig keys; flags override it")
-    add("--input", help="folder, s3://bucket/prefix, or a manifest (.parquet/.csv/.txt of URIs)")
-    add("--output", help="folder or s3://bucket/prefix for masks/, predictions/ and _run.json")
-    add("--model", help="architecture name, preset folder, s3:// preset, or keras-hub preset name")
-    add("--batch-size", type=int, help="device batch size (fixed: the last batch is padded)")
-    add("--image-size", type=int, help="input size for architecture names (presets carry theirs)")
-    add("--num-classes", type=int, help="class count for architecture names")
-    add("--actors", type=int, help="GPU actors (default: one per GPU; one on a CPU-only cluster)")
-    add("--gpus-per-actor", type=float)
-    add("--cpus-per-actor", type=float)
-    add("--decode-batch-size", type=int, help="images per CPU decode task")
-    add("--max-pixels", type=int, help="larger images are recorded as errors (decompression bombs)")
-    add("--max-error-rate", type=float, help="exit non-zero if more than this fraction fails")
-    add("--precision", help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
-    add("--compile-cache", help="persistent XLA compilation cache folder")
-    add("--model-cache", help="local cache folder for s3:// presets")
+HELP = {
+    "config": "YAML file of the same keys (snake_case); flags override it",
+    "input": "folder, s3://bucket/prefix, or a manifest (.parquet/.csv/.txt of URIs)",
+    "output": "folder or s3://bucket/prefix for the outputs",
+    "model": "architecture name, preset folder, s3:// preset, or keras-hub preset name",
+    "batch_size": "device batch size (fixed shape: a last partial batch is padded)",
+    "image_size": "input size (architecture names; presets carry their own)",
+    "num_classes": "number of classes (architecture names; presets carry their own)",
+    "actors": "GPU actors (default: one per GPU; one on a CPU-only cluster)",
+    "max_pixels": "larger images are recorded as errors (decompression bombs)",
+    "max_error_rate": "exit non-zero when more than this fraction of inputs fails (default 1: never)",
+    "precision": "compute dtype (default: bfloat16 on GPUs, float32 on CPUs)",
+    "data": "dataset root: Pascal VOC, SBD or generic (images/ + masks/) layout; local or s3://",
+    "sbd": "SBD root: with a VOC --data, train on the standard train_aug union",
+    "workers": "Ray Train workers: one per node, each owning all of its GPUs",
+    "gallery": "write a gallery PNG of this many validation images",
+}
+
+
+def flag_type(annotation: str):
+    return int if "int" in annotation else float if "float" in annotation else str
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per config field (``batch_size`` -> ``--batch-size``); unset flags stay None."""
+    parser.add_argument("--config", help=HELP["config"])
+    for field in dataclasses.fields(cls):
+        name = "--" + field.name.replace("_", "-")
+        parser.add_argument(name, type=flag_type(str(field.type)), help=HELP.get(field.name))
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    overrides = {k: v for k, v in vars(args).items() if k in fields}
+    return load_config(cls, args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    add_predict_flags(verbs.add_parser("predict", help="segment a folder, bucket or manifest"))
+    add_config_flags(verbs.add_parser("predict", help="segment a folder, bucket or manifest"), PredictConfig)
+    add_config_flags(verbs.add_parser("train", help="fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
+    add_config_flags(verbs.add_parser("evaluate", help="mean IoU / pixel accuracy over a split"), EvaluateConfig)
 
     model = verbs.add_parser("model", help="model presets").add_subparsers(dest="action", required=True)
     create = model.add_parser("create", help="write a random-init preset (offline)")
@@ -54,13 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--output", default="quickstart_out")
     quick.add_argument("--images", type=int, default=24)
     return parser
-
-
-def predict_config(args: argparse.Namespace) -> PredictConfig:
-    fields = {f.name for f in dataclasses.fields(PredictConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
-    cfg = load_config(PredictConfig, args.config, overrides)
-    return cfg
 
 
 def init_ray(address: str | None) -> None:
@@ -76,7 +91,7 @@ def init_ray(address: str | None) -> None:
 def run_predict_verb(args: argparse.Namespace) -> int:
     from raydeeplab.batch import check_predict_config, run_predict
 
-    cfg = predict_config(args)
+    cfg = config_from_args(PredictConfig, args)
     check_predict_config(cfg)  # before any cluster work
     init_ray(args.address)
     summary = run_predict(cfg)
@@ -89,6 +104,31 @@ def run_predict_verb(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def run_train_verb(args: argparse.Namespace) -> int:
+    from raydeeplab.train import check_train_config, run_train
+
+    cfg = config_from_args(TrainConfig, args)
+    check_train_config(cfg)  # before any cluster work
+    init_ray(args.address)
+    state = run_train(cfg)
+    last = state["history"][-1] if state["history"] else {}
+    print(
+        f"raydeeplab train: {state['epoch']} epochs, last mean IoU {last.get('mean_iou', float('nan')):.4f}, "
+        f"best {state['best_mean_iou']:.4f}; presets in {cfg.output}/best and {cfg.output}/last"
+    )
+    return 0
+
+
+def run_evaluate_verb(args: argparse.Namespace) -> int:
+    from raydeeplab.evaluate import run_evaluate
+
+    cfg = config_from_args(EvaluateConfig, args)
+    init_ray(args.address)
+    scores = run_evaluate(cfg)
+    print(json.dumps({k: scores[k] for k in ("mean_iou", "pixel_accuracy", "images", "split")}))
     return 0
 
 
@@ -109,7 +149,13 @@ def run_quickstart_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-VERBS = {"predict": run_predict_verb, "model": run_model_verb, "quickstart": run_quickstart_verb}
+VERBS = {
+    "predict": run_predict_verb,
+    "train": run_train_verb,
+    "evaluate": run_evaluate_verb,
+    "model": run_model_verb,
+    "quickstart": run_quickstart_verb,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

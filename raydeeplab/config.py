@@ -65,10 +65,13 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     unknown = sorted(set(values) - fields)
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {sorted(fields)}")
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{source}: {err}") from None
+    required = [
+        f.name for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.name not in values
+    ]  # fmt: skip
+    if required:
+        raise ConfigError(f"missing {', '.join(flag(name) for name in required)} (from {source})")
+    return cls(**values)
 
 
 def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
@@ -84,3 +87,62 @@ def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in overrides.items() if v is not None})
     return from_dict(cls, values, source=path or "flags")
+
+
+LAYOUTS = ("auto", "voc", "sbd", "generic")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    output: str
+    model: str = "deeplabv3plus_resnet50"
+    sbd: str | None = None  # with a VOC --data: train on the standard "train_aug" union
+    layout: str = "auto"  # voc, sbd, generic; auto looks for VOC's ImageSets/ or SBD's dataset/
+    train_split: str = "train"
+    val_split: str = "val"
+    num_classes: int = 21
+    image_size: int = 512
+    batch_size: int = 16  # global, over all workers
+    epochs: int = 30
+    steps_per_epoch: int | None = None  # default: one pass over the training split
+    learning_rate: float | None = None  # default: 0.007 * batch_size / 16 (the guide)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    clipnorm: float = 10.0
+    min_scale: float = 0.5
+    max_scale: float = 2.0
+    workers: int = 1  # one per node: each owns all of its node's GPUs
+    gpus_per_worker: int = 0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 3
+    precision: str | None = None  # default: mixed_bfloat16 on GPU, float32 on CPU
+    gallery: int = 4
+    check_limit: int | None = None  # validate only the first N pairs before training (None: all)
+    seed: int = 0
+
+    def validate(self) -> None:
+        positive = ("num_classes", "image_size", "batch_size", "epochs", "workers", "max_failures")
+        for name in positive:
+            if getattr(self, name) < (0 if name == "max_failures" else 1):
+                raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
+        if self.image_size % 32:
+            raise ConfigError(f"--image-size must be a multiple of 32, got {self.image_size}")
+        if self.batch_size % self.workers:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}"
+            )
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if not 0 < self.min_scale <= self.max_scale:
+            raise ConfigError(
+                f"--min-scale/--max-scale must satisfy 0 < min <= max, got {self.min_scale}, {self.max_scale}"
+            )
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"--steps-per-epoch must be >= 1, got {self.steps_per_epoch}")
+        if self.precision not in (None, "float32", "mixed_bfloat16", "mixed_float16"):
+            raise ConfigError(
+                f"--precision must be float32, mixed_bfloat16 or mixed_float16, got {self.precision!r}"
+            )
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker must be >= 0, got {self.gpus_per_worker}")

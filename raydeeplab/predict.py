@@ -32,14 +32,22 @@ def enable_compilation_cache(path: str = DEFAULT_COMPILE_CACHE) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def build_mask_model(segmenter: keras.Model, batch_size: int) -> keras.Model:
-    """``(batch, S, S, 3) uint8`` -> ``(batch, S, S) uint8`` class map, normalisation included."""
+def uint8_inputs(segmenter: keras.Model, batch_size: int | None = None):
+    """``(images, normalised)``: a uint8 Input and its float32 normalisation (the preset's own).
+
+    Inference and training both feed uint8 and normalise on the device: 4x fewer bytes cross.
+    """
     converter = segmenter.preprocessor.image_converter
     size = input_size(segmenter)
     scale = np.asarray(1.0 if converter.scale is None else converter.scale, "float32")
     offset = np.asarray(0.0 if converter.offset is None else converter.offset, "float32")
     images = keras.Input((size, size, 3), batch_size=batch_size, dtype="uint8", name="images")
-    x = keras.ops.cast(images, "float32") * scale + offset
+    return images, keras.ops.cast(images, "float32") * scale + offset
+
+
+def build_mask_model(segmenter: keras.Model, batch_size: int) -> keras.Model:
+    """``(batch, S, S, 3) uint8`` -> ``(batch, S, S) uint8`` class map, normalisation included."""
+    images, x = uint8_inputs(segmenter, batch_size)
     logits = segmenter(x, training=False)  # keras-hub #2495: never leak BatchNorm training mode
     masks = keras.ops.cast(keras.ops.argmax(logits, axis=-1), "uint8")
     return keras.Model(images, masks, name="mask_model")

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import scipy.io
 
 from raydeeplab import storage
+from raydeeplab.errors import UserError
 from raydeeplab.data.images import (
     IGNORE_LABEL,
     IMAGE_EXTENSIONS,
@@ -37,7 +38,7 @@ MAX_PROBLEMS = 20  # enough to see a pattern, short enough to read
 Pair = dict[str, str]
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset that cannot be trained on; the message names the file(s) at fault."""
 
 

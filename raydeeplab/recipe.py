@@ -1,0 +1,164 @@
+"""The DeepLabV3+ fine-tuning recipe of the Keras guide, Ray-free: model, optimiser, loss, metric,
+and the full resume state (weights, optimiser slots, step, epoch) as plain files.
+
+SGD (momentum 0.9, weight decay 1e-4, clipnorm 10) with cosine decay from
+0.007 * global_batch / 16 over the real number of steps; sparse cross-entropy from logits
+with label 255 ignored; a confusion matrix accumulated on the device (exact int32 counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import keras
+import keras_hub
+import numpy as np
+
+from raydeeplab import storage
+from raydeeplab.config import TrainConfig
+from raydeeplab.data.images import IGNORE_LABEL
+from raydeeplab.model import (
+    ModelError,
+    architectures,
+    check_model_spec,
+    deeplab_v3_plus,
+    local_preset,
+    build_segmenter,
+)
+from raydeeplab.predict import uint8_inputs
+
+OPTIMIZER, STATE = "optimizer.npz", "state.json"
+
+
+def base_learning_rate(cfg: TrainConfig) -> float:
+    return cfg.learning_rate or 0.007 * cfg.batch_size / 16
+
+
+def build_optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Optimizer:
+    schedule = keras.optimizers.schedules.CosineDecay(base_learning_rate(cfg), max(total_steps, 1))
+    return keras.optimizers.SGD(
+        learning_rate=schedule,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        clipnorm=cfg.clipnorm,
+    )
+
+
+class ConfusionMatrixMetric(keras.metrics.Metric):
+    """Flat ``num_classes**2`` int32 confusion matrix (row = truth), summed on the device.
+
+    Under ``keras.distribution.DataParallel`` the update sees the *global* batch, so the
+    matrix is the exact sum over all workers; ``raydeeplab.metrics`` turns it into scores.
+    """
+
+    def __init__(self, num_classes: int, ignore_label: int = IGNORE_LABEL, name="confusion", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.ignore_label = ignore_label
+        self.matrix = self.add_variable(
+            shape=(num_classes * num_classes,), initializer="zeros", dtype="int32", name="matrix"
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        n = self.num_classes
+        truth = keras.ops.reshape(keras.ops.cast(y_true, "int32"), (-1,))
+        pred = keras.ops.reshape(keras.ops.cast(keras.ops.argmax(y_pred, axis=-1), "int32"), (-1,))
+        valid = keras.ops.logical_and(truth != self.ignore_label, truth < n)
+        index = keras.ops.where(valid, truth * n + pred, n * n)  # ignored pixels -> overflow bin
+        ones = keras.ops.ones_like(index)  # segment_sum, not bincount: static size under jit
+        counts = keras.ops.segment_sum(ones, index, num_segments=n * n + 1)[: n * n]
+        self.matrix.assign_add(keras.ops.cast(counts, "int32"))
+
+    def result(self):
+        matrix = keras.ops.cast(keras.ops.reshape(self.matrix, (self.num_classes,) * 2), "float32")
+        diag = keras.ops.diagonal(matrix)
+        union = keras.ops.sum(matrix, 0) + keras.ops.sum(matrix, 1) - diag
+        present = keras.ops.cast(union > 0, "float32")
+        return keras.ops.sum(diag / keras.ops.maximum(union, 1.0)) / keras.ops.maximum(keras.ops.sum(present), 1.0)
+
+    def reset_state(self):
+        self.matrix.assign(keras.ops.zeros(self.matrix.shape, "int32"))
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "ignore_label": self.ignore_label}
+
+
+def local_value(variable) -> np.ndarray:
+    """A replicated variable's value from this process's own copy: no collective needed."""
+    value = variable.value
+    shards = getattr(value, "addressable_shards", None)
+    return np.asarray(shards[0].data if shards else value)
+
+
+def confusion_matrix(metric: ConfusionMatrixMetric) -> np.ndarray:
+    return local_value(metric.matrix).astype(np.int64).reshape(metric.num_classes, metric.num_classes)
+
+
+def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
+    """``--model`` as the starting point: an architecture (random), a segmenter preset to
+    fine-tune, or a backbone preset (e.g. ``resnet_50_imagenet``) under a new DeepLabV3+ head."""
+    spec = cfg.model
+    if spec in architectures():
+        keras.utils.set_random_seed(cfg.seed)  # every worker starts from the same weights
+        return build_segmenter(spec, cfg.num_classes, cfg.image_size)
+    local = local_preset(spec) if storage.is_remote(spec) else spec
+    if os.path.isdir(local) and os.path.exists(os.path.join(local, "task.json")) or (
+        not os.path.isdir(local) and spec in keras_hub.models.ImageSegmenter.presets
+    ):
+        model = keras_hub.models.ImageSegmenter.from_preset(local)
+        if model.num_classes != cfg.num_classes:
+            raise ModelError(
+                f"--model {spec} predicts {model.num_classes} classes but --num-classes is {cfg.num_classes}"
+            )
+        return model
+    try:
+        encoder = keras_hub.models.Backbone.from_preset(local)
+    except Exception as err:
+        check_model_spec(spec)
+        raise ModelError(f"--model {spec}: cannot load a backbone or segmenter: {err}") from None
+    return deeplab_v3_plus(encoder, cfg.num_classes, cfg.image_size)
+
+
+def trainable_model(segmenter: keras.Model) -> keras.Model:
+    """uint8 images in, float32 logits out: the network trains on what ``predict`` feeds it."""
+    images, x = uint8_inputs(segmenter)
+    logits = keras.ops.cast(segmenter(x), "float32")  # bf16 compute, float32 loss
+    return keras.Model(images, logits, name="trainable_segmenter")
+
+
+def compile_for_training(model: keras.Model, cfg: TrainConfig, total_steps: int) -> ConfusionMatrixMetric:
+    metric = ConfusionMatrixMetric(cfg.num_classes)
+    model.compile(
+        optimizer=build_optimizer(cfg, total_steps),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE_LABEL),
+        metrics=[metric],
+    )
+    model.optimizer.build(model.trainable_variables)
+    return metric
+
+
+def save_train_state(segmenter, model: keras.Model, directory: str, state: dict) -> None:
+    """Preset files (loadable by ``predict``) + optimiser slots + counters, side by side.
+
+    Call on *every* worker: saving weights is collective under JAX multi-process
+    (one rank alone would deadlock); only rank 0's directory is reported.
+    """
+    from raydeeplab.model import save_model
+
+    save_model(segmenter, directory)
+    np.savez(
+        os.path.join(directory, OPTIMIZER),
+        **{f"v{i}": local_value(v) for i, v in enumerate(model.optimizer.variables)},
+    )
+    with open(os.path.join(directory, STATE), "w") as f:
+        json.dump(state, f, indent=2)
+
+
+def restore_train_state(model: keras.Model, directory: str) -> dict:
+    """Load optimiser slots (momentum, iteration count: the LR schedule's position) and counters."""
+    with np.load(os.path.join(directory, OPTIMIZER)) as saved:
+        for i, variable in enumerate(model.optimizer.variables):
+            variable.assign(saved[f"v{i}"])
+    with open(os.path.join(directory, STATE)) as f:
+        return json.load(f)

@@ -1,0 +1,541 @@
+"""Ray role: online serving. A Serve deployment over the core, one HTTP request per image:
+
+    POST /segment -> read body (size cap) -> decode + resize (CPU, per request)
+                  -> predict_batch (@serve.batch: concurrent requests share one Segmenter pass)
+                  -> resize mask to the source size -> palette PNG | overlay PNG | JSON
+
+The palette PNG is what ``raydeeplab predict`` writes for the same image (same Segmenter,
+same resize, same encoder). Runtime knobs live in ``user_config`` (:class:`Knobs`):
+``model``, ``max_batch_size`` and ``batch_wait_timeout_s`` change without a redeploy.
+
+    raydeeplab serve --model s3://runs/voc-r50/best --replicas 2 --gpus-per-replica 1
+    serve build raydeeplab.serve:app -o configs/serve_config.yaml && serve deploy configs/serve_config.yaml
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
+import argparse
+import asyncio
+import collections
+import dataclasses
+import hmac
+import io
+import logging
+import os
+import time
+from email.message import Message
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+
+from raydeeplab.config import ConfigError
+from raydeeplab.data.images import (
+    ImageError,
+    decode_image,
+    encode_mask_png,
+    overlay,
+    resize_image,
+    resize_mask,
+)
+
+logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
+
+APP_NAME = "raydeeplab"
+FORMATS = ("png", "overlay", "json")
+BATCH_SIZE_HEADER = "X-Batch-Size"
+RECENT_BATCHES = 256  # batch sizes kept for GET /stats
+DEFAULT_MAX_BODY_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000  # a 40 MP photo decodes to 120 MB; anything bigger is refused
+
+
+# ---------------------------------------------------------------- arguments
+
+
+class Knobs(BaseModel):
+    """``user_config``: applied by ``reconfigure()`` on live replicas, no redeploy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1)  # architecture, preset folder, s3:// preset or keras-hub preset
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+
+
+class ServeArgs(BaseModel):
+    """``app_builder`` arguments (``serve run raydeeplab.serve:app_builder key=value``); unknown keys fail."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("tiny", min_length=1)
+    num_classes: int = Field(21, ge=2)  # architectures only; presets carry theirs
+    image_size: int | None = Field(None, ge=32, multiple_of=32)  # architectures only
+    replicas: int = Field(1, ge=1)
+    autoscaling_config: dict[str, Any] | None = None  # Serve's AutoscalingConfig; replaces `replicas`
+    gpus_per_replica: float = Field(0.0, ge=0.0)
+    cpus_per_replica: float = Field(1.0, ge=0.0)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x max_batch_size
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    auth_token_env: str | None = None  # name of an env var on the replicas holding the token
+    auth_token_file: str | None = None  # path, on the replicas' nodes, of a file holding the token
+    precision: Literal["float32", "bfloat16", "float16"] | None = None  # default: bfloat16 on GPU
+    compile_cache: str | None = None
+    model_cache: str | None = None
+    keras_backend: str = Field(default_factory=lambda: os.environ.get("KERAS_BACKEND", "jax"))
+
+    @model_validator(mode="after")
+    def _exclusive(self) -> "ServeArgs":
+        if self.auth_token_env and self.auth_token_file:
+            raise ValueError("give auth_token_env or auth_token_file, not both")
+        if self.autoscaling_config is not None and "replicas" in self.model_fields_set:
+            raise ValueError("give replicas or autoscaling_config, not both")
+        return self
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any]) -> "ServeArgs":
+        try:
+            return cls.model_validate(args)
+        except ValidationError as err:
+            raise ConfigError(f"serve arguments: {err}") from None
+
+    def knobs(self) -> Knobs:
+        return Knobs(
+            model=self.model,
+            max_batch_size=self.max_batch_size,
+            batch_wait_timeout_s=self.batch_wait_timeout_s,
+        )
+
+
+def read_auth_token(env_name: str | None, file_path: str | None) -> str | None:
+    """The bearer token from an env var or a secret file; None when auth is off."""
+    if env_name:
+        token = os.environ.get(env_name, "").strip()
+        if not token:
+            raise ConfigError(f"--auth-token-env {env_name}: the variable is not set or empty")
+        return token
+    if file_path:
+        try:
+            with open(file_path) as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise ConfigError(f"--auth-token-file {file_path}: {err.strerror}") from None
+        if not token:
+            raise ConfigError(f"--auth-token-file {file_path}: the file is empty")
+        return token
+    return None
+
+
+# ---------------------------------------------------------------- request helpers (no Ray)
+
+
+def device_batch_sizes(max_batch_size: int) -> list[int]:
+    """Shapes compiled at warmup: powers of two up to ``max_batch_size``, and it.
+
+    A lone request then runs a batch of 1 instead of being padded to ``max_batch_size``.
+    """
+    sizes, size = {max_batch_size}, 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return sorted(sizes)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, f"bad Content-Length header {declared!r}")
+        if int(declared) > limit:
+            raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:  # chunked uploads declare nothing: count what arrives
+            raise HTTPException(413, f"body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def header_param(header: str, value: str, param: str) -> str | None:
+    message = Message()
+    message[header] = value
+    found = message.get_param(param, header=header)
+    return found if isinstance(found, str) or found is None else str(found[2])
+
+
+def image_bytes(body: bytes, content_type: str, field: str = "image") -> bytes:
+    """The image's bytes: the multipart ``field`` for form uploads, else the whole body."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        return body
+    boundary = header_param("content-type", content_type, "boundary")
+    if not boundary:
+        raise HTTPException(400, "multipart body without a boundary")
+    # Each part follows CRLF--boundary; prefixing CRLF lets the first one match too.
+    for part in (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))[1:]:
+        if part.startswith(b"--"):
+            break  # the closing delimiter
+        head, found, content = part.partition(b"\r\n\r\n")
+        if not found:
+            continue
+        for line in head.decode("latin-1").split("\r\n"):
+            name, _, value = line.partition(":")
+            if name.strip().lower() == "content-disposition":
+                if header_param("content-disposition", value.strip(), "name") == field:
+                    return content
+    raise HTTPException(400, f"multipart body has no {field!r} field")
+
+
+def prepare(data: bytes, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+    """bytes -> (source ``(H, W, 3) uint8``, model input ``(S, S, 3) uint8``); ImageError if bad."""
+    image = decode_image(data, max_pixels)
+    return image, resize_image(image, image_size)
+
+
+def run_lengths(mask: np.ndarray) -> dict[str, Any]:
+    """Row-major runs of a class map: ``np.repeat(values, lengths).reshape(h, w)`` restores it."""
+    flat = mask.ravel()
+    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+    lengths = np.diff(np.append(starts, flat.size))
+    return {"order": "row-major", "values": flat[starts].tolist(), "lengths": lengths.tolist()}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """One model version on this replica: its Segmenters, one per compiled batch shape."""
+
+    spec: str
+    info: Any  # raydeeplab.model.ModelInfo
+    model: Any  # keras-hub ImageSegmenter
+    segmenters: dict  # device batch size -> raydeeplab.predict.Segmenter
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """``(n, S, S, 3) uint8`` -> ``(n, S, S) uint8`` on the smallest compiled shape that fits."""
+        sizes = sorted(self.segmenters)
+        fits = next((size for size in sizes if size >= len(images)), sizes[-1])
+        return self.segmenters[fits].predict(images)
+
+
+class Served(NamedTuple):
+    mask: np.ndarray  # (S, S) uint8
+    batch_size: int  # requests in the forward pass that computed it
+    model: LoadedModel
+
+
+def render(output: str, image: np.ndarray, served: Served, rle: bool) -> Response:
+    """The mask at the source size, as the requested format."""
+    height, width = image.shape[:2]
+    mask = resize_mask(served.mask, height, width)
+    headers = {BATCH_SIZE_HEADER: str(served.batch_size)}
+    if output == "png":
+        return Response(encode_mask_png(mask), media_type="image/png", headers=headers)
+    if output == "overlay":
+        return Response(encode_png(overlay(image, mask)), media_type="image/png", headers=headers)
+    info = served.model.info
+    counts = np.bincount(mask.ravel(), minlength=info.num_classes)
+    body = {
+        "height": height,
+        "width": width,
+        "model": served.model.spec,
+        "class_pixel_counts": counts.tolist(),
+        "class_areas": {name: float(c) / mask.size for name, c in zip(info.class_names, counts)},
+        "batch_size": served.batch_size,
+    }
+    if rle:
+        body["rle"] = run_lengths(mask)
+    return JSONResponse(body, headers=headers)
+
+
+# ---------------------------------------------------------------- the deployment
+
+api = FastAPI(
+    title="raydeeplab",
+    description="DeepLabV3+ semantic segmentation. POST an image to /segment.",
+)
+
+SEGMENT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"image": {"type": "string", "format": "binary"}},
+                    "required": ["image"],
+                }
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+SEGMENT_RESPONSES = {
+    200: {"content": {"image/png": {}, "application/json": {}}, "description": "mask, overlay or JSON"},
+    400: {"description": "not an image, corrupt, too many pixels, or unsupported format"},
+    401: {"description": "missing or wrong bearer token (when auth is on)"},
+    413: {"description": "body over max_body_bytes"},
+}
+
+
+@serve.deployment
+@serve.ingress(api)
+class SegmenterDeployment:
+    """HTTP segmentation; one model load per replica, concurrent requests batched on device."""
+
+    def __init__(self, args: dict[str, Any]):
+        from ray.util import metrics
+
+        self.args = ServeArgs.from_dict(args)
+        self.token = read_auth_token(self.args.auth_token_env, self.args.auth_token_file)
+        self.loaded: LoadedModel | None = None  # set by the first reconfigure(), before any traffic
+        self.knobs: Knobs | None = None
+        self.recent = collections.deque(maxlen=RECENT_BATCHES)
+        self.requests = 0  # that reached predict_batch
+        self.forward_passes = 0
+        self.batch_size_metric = metrics.Histogram(
+            "raydeeplab_serve_batch_size",
+            description="Requests per Segmenter forward pass.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+        )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve calls this right after ``__init__`` and on every ``user_config`` change.
+
+        The model is loaded here, not in ``__init__``, so that a ``user_config`` naming another
+        model than the built one costs one load, not two. A new model or batch size is built
+        and compiled off the event loop while the old one keeps serving, then swapped in.
+        """
+        knobs = Knobs.model_validate(user_config)
+        if self.loaded is None or knobs.model != self.loaded.spec or (
+            device_batch_sizes(knobs.max_batch_size) != sorted(self.loaded.segmenters)
+        ):
+            self.loaded = await asyncio.to_thread(self.load, knobs, self.loaded)
+        self.predict_batch.set_max_batch_size(knobs.max_batch_size)
+        self.predict_batch.set_batch_wait_timeout_s(knobs.batch_wait_timeout_s)
+        self.knobs = knobs
+
+    def load(self, knobs: Knobs, previous: LoadedModel | None) -> LoadedModel:
+        from raydeeplab.model import describe_model, load_model
+        from raydeeplab.predict import Segmenter, enable_compilation_cache
+
+        started = time.perf_counter()
+        args = self.args
+        if args.compile_cache:
+            enable_compilation_cache(args.compile_cache)
+        else:
+            enable_compilation_cache()
+        same_model = previous is not None and previous.spec == knobs.model
+        if same_model:
+            info, model = previous.info, previous.model
+        else:
+            precision = args.precision or ("bfloat16" if args.gpus_per_replica > 0 else None)
+            kwargs = {"cache_dir": args.model_cache} if args.model_cache else {}
+            info = describe_model(knobs.model, args.num_classes, args.image_size)
+            model = load_model(knobs.model, args.num_classes, args.image_size, precision, **kwargs)
+        segmenters = {}
+        for size in device_batch_sizes(knobs.max_batch_size):
+            if same_model and size in previous.segmenters:
+                segmenters[size] = previous.segmenters[size]  # already compiled
+                continue
+            segmenters[size] = Segmenter(model, size)
+            segmenters[size].warmup()
+        logger.info(
+            "model %s ready: %d classes at %dpx, device batches %s, in %.1fs",
+            knobs.model, info.num_classes, info.image_size, sorted(segmenters),
+            time.perf_counter() - started,
+        )  # fmt: skip
+        return LoadedModel(knobs.model, info, model, segmenters)
+
+    def check_health(self) -> None:
+        if self.loaded is None:
+            raise RuntimeError("no model loaded: user_config must name a `model`")
+
+    def authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict_batch(self, images: list[np.ndarray]) -> list[Served]:
+        """Each ``(S, S, 3) uint8`` -> its mask; every call is one forward pass of ``len(images)``."""
+        loaded = self.loaded
+        size = loaded.info.image_size
+        # Only during a model swap to another input size can a request arrive resized for the old one.
+        batch = np.stack([im if im.shape[0] == size else resize_image(im, size) for im in images])
+        masks = await asyncio.to_thread(loaded.predict, batch)  # the event loop keeps decoding
+        self.recent.append(len(images))
+        self.forward_passes += 1
+        self.batch_size_metric.observe(len(images))
+        return [Served(mask, len(images), loaded) for mask in masks]
+
+    @api.post("/segment", openapi_extra=SEGMENT_BODY, responses=SEGMENT_RESPONSES)
+    async def segment(
+        self,
+        request: Request,
+        output: str = Query("png", alias="format", description="png | overlay | json"),
+        rle: bool = Query(False, description="json only: add a row-major run-length encoding"),
+    ) -> Response:
+        """Segment one image (multipart field ``image`` or the raw body)."""
+        self.authorize(request)
+        if output not in FORMATS:
+            raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}, got {output!r}")
+        body = await read_body(request, self.args.max_body_bytes)
+        data = image_bytes(body, request.headers.get("content-type", ""))
+        try:
+            image, small = await asyncio.to_thread(
+                prepare, data, self.loaded.info.image_size, self.args.max_pixels
+            )
+        except ImageError as err:  # refused here, so it never reaches (or fails) a batch
+            raise HTTPException(400, str(err)) from None
+        self.requests += 1
+        served = await self.predict_batch(small)
+        return await asyncio.to_thread(render, output, image, served, rle)
+
+    @api.get("/healthz")
+    def healthz(self) -> dict:
+        """Liveness; open even when auth is on."""
+        if self.loaded is None:
+            raise HTTPException(503, "model not loaded")
+        return {"status": "ok"}
+
+    @api.get("/model")
+    def describe(self, request: Request) -> dict:
+        """The model this replica serves and its batching knobs."""
+        self.authorize(request)
+        loaded, knobs = self.loaded, self.knobs
+        return {
+            "id": loaded.spec,
+            "class_names": list(loaded.info.class_names),
+            "num_classes": loaded.info.num_classes,
+            "input_size": loaded.info.image_size,
+            "max_batch_size": knobs.max_batch_size,
+            "batch_wait_timeout_s": knobs.batch_wait_timeout_s,
+            "device_batch_sizes": sorted(loaded.segmenters),
+            "keras_backend": self.args.keras_backend,
+        }
+
+    @api.get("/stats")
+    def stats(self, request: Request) -> dict:
+        """This replica's counters: the sizes of its recent forward passes."""
+        self.authorize(request)
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "requests": self.requests,
+            "forward_passes": self.forward_passes,
+            "recent_batch_sizes": list(self.recent),
+        }
+
+
+# ---------------------------------------------------------------- builders
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Serve application builder: ``args`` (see :class:`ServeArgs`) -> bound deployment."""
+    config = ServeArgs.from_dict(args)
+    options: dict[str, Any] = {
+        "user_config": config.knobs().model_dump(),
+        # One batch on the device while the next one fills up.
+        "max_ongoing_requests": config.max_ongoing_requests or 2 * config.max_batch_size,
+        "ray_actor_options": {
+            "num_cpus": config.cpus_per_replica,
+            "num_gpus": config.gpus_per_replica,
+            # Keras picks its backend at import: it must be set before the replica imports it.
+            "runtime_env": {"env_vars": {"KERAS_BACKEND": config.keras_backend}},
+        },
+    }
+    if config.autoscaling_config is not None:
+        options["autoscaling_config"] = config.autoscaling_config
+    else:
+        options["num_replicas"] = config.replicas
+    return SegmenterDeployment.options(**options).bind(config.model_dump())
+
+
+app = app_builder({})  # `serve build raydeeplab.serve:app`; pick the model in user_config.model
+
+
+# ---------------------------------------------------------------- `raydeeplab serve`
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--model", required=True, help="architecture name, preset folder, s3:// preset, or keras-hub preset")
+    add("--num-classes", type=int, help="class count for architecture names")
+    add("--image-size", type=int, help="input size for architecture names (presets carry theirs)")
+    add("--replicas", type=int, help="replicas (the minimum when --max-replicas autoscales); default 1")
+    add("--max-replicas", type=int, help="autoscale between --replicas and this many replicas")
+    add("--gpus-per-replica", type=float, help="default: 1 when the cluster has GPUs, else 0")
+    add("--cpus-per-replica", type=float)
+    add("--max-batch-size", type=int, help="requests per forward pass (1 turns batching off)")
+    add("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill up")
+    add("--max-ongoing-requests", type=int, help="per replica; default 2 x --max-batch-size")
+    add("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
+    add("--port", type=int, default=8000)
+    add("--max-body-bytes", type=int, help="larger request bodies get 413")
+    add("--max-pixels", type=int, help="larger images get 400 (decompression bombs)")
+    add("--precision", help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
+    add("--compile-cache", help="persistent XLA compilation cache folder on the replicas")
+    add("--model-cache", help="local cache folder for s3:// presets on the replicas")
+    auth = parser.add_mutually_exclusive_group()
+    auth.add_argument("--auth-token-env", help="require 'Authorization: Bearer <token>', token from this env var")
+    auth.add_argument("--auth-token-file", help="require a bearer token, read from this file on the replicas")
+
+
+def serve_args_from_flags(args: argparse.Namespace, cluster_gpus: float = 0.0) -> dict[str, Any]:
+    """Flags that were given -> ``app_builder`` arguments."""
+    fields = set(ServeArgs.model_fields)
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if args.gpus_per_replica is None:
+        values["gpus_per_replica"] = 1.0 if cluster_gpus else 0.0
+    if args.max_replicas is not None:
+        minimum = values.pop("replicas", 1)
+        if args.max_replicas < minimum:
+            raise ConfigError(f"--max-replicas must be >= --replicas ({minimum}), got {args.max_replicas}")
+        values["autoscaling_config"] = {
+            "min_replicas": minimum,
+            "max_replicas": args.max_replicas,
+            "target_ongoing_requests": values.get("max_batch_size", ServeArgs().max_batch_size),
+        }
+    return values
+
+
+def wait_until_interrupted() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def run_serve_verb(args: argparse.Namespace) -> int:
+    """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
+    import ray
+
+    from raydeeplab.cli import init_ray
+    from raydeeplab.model import check_model_spec
+
+    ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
+    check_model_spec(args.model)
+    read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
+    init_ray(args.address)
+    application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    print(f"raydeeplab serve: POST http://{args.host}:{args.port}/segment, docs at /docs; Ctrl-C stops")
+    try:
+        wait_until_interrupted()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+    return 0

@@ -1,0 +1,328 @@
+"""Ray role: training. Keras 3 on JAX under ``ray.train.v2.jax.JaxTrainer``, data-parallel over
+every device of every worker (``keras.distribution.DataParallel``).
+
+Reads top to bottom as the recipe: list and check the data (driver, before any cluster
+work) -> stream decoded, augmented batches through Ray Data -> train with equal step counts
+on every worker -> validate on the device (exact confusion matrix over the global batch)
+-> checkpoint -> report. ``OUT`` receives::
+
+    checkpoints/epoch_NNNN/   preset + optimizer.npz + state.json (written last: the commit mark)
+    best/, last/              keras-hub presets with metrics.json (loadable by predict and serve)
+    metrics.json, gallery.png
+
+A worker failure restarts the group (``FailureConfig``); a rerun of the same command resumes.
+Both simply continue from the newest committed checkpoint under ``OUT``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from raydeeplab import storage
+from raydeeplab.config import ConfigError, TrainConfig, from_dict
+from raydeeplab.data import voc
+from raydeeplab.data.images import IGNORE_LABEL
+from raydeeplab.data.transforms import resize_for_eval, train_transform
+
+logger = logging.getLogger(__name__)
+
+IMAGE, MASK = "image", "mask"
+CHECKPOINTS, BEST, LAST, METRICS = "checkpoints", "best", "last", "metrics.json"
+KEEP_CHECKPOINTS = 2
+STATE_FILE = "state.json"
+
+
+# ---------------------------------------------------------------- driver side, no Ray
+
+
+def resolve_layout(cfg: TrainConfig) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    if storage.exists(storage.join(cfg.data, "ImageSets", "Segmentation")):
+        return "voc"
+    if storage.exists(storage.join(cfg.data, "dataset", "cls")):
+        return "sbd"
+    return "generic"
+
+
+def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
+    """(train, val) image/mask URI pairs. VOC + ``--sbd`` trains on the standard train_aug set."""
+    layout = resolve_layout(cfg)
+    if layout == "voc":
+        train = voc.train_aug_pairs(cfg.data, cfg.sbd) if cfg.sbd else voc.voc_pairs(cfg.data, cfg.train_split)
+        return train, voc.voc_pairs(cfg.data, cfg.val_split)
+    if layout == "sbd":
+        return voc.sbd_pairs(cfg.data, cfg.train_split), voc.sbd_pairs(cfg.data, cfg.val_split)
+    return (
+        voc.generic_pairs(storage.join(cfg.data, cfg.train_split)),
+        voc.generic_pairs(storage.join(cfg.data, cfg.val_split)),
+    )
+
+
+def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
+    """Everything that can be checked before the cluster: flags, model, splits, every mask."""
+    from raydeeplab.model import architectures, check_model_spec
+
+    cfg.validate()
+    if not storage.exists(cfg.data):
+        raise ConfigError(f"--data {cfg.data}: no such folder")
+    if cfg.sbd and not storage.exists(cfg.sbd):
+        raise ConfigError(f"--sbd {cfg.sbd}: no such folder")
+    if storage.is_inside(cfg.output, cfg.data):
+        raise ConfigError(f"--output {cfg.output} is inside --data {cfg.data}")
+    if cfg.model not in architectures() and (storage.is_remote(cfg.model) or os.path.isdir(cfg.model)):
+        check_model_spec(cfg.model)  # hub names are checked by keras-hub when downloaded
+    train, val = dataset_pairs(cfg)
+    limit = cfg.check_limit
+    voc.validate_pairs(train, cfg.num_classes, check_limit=limit)
+    voc.validate_pairs(val, cfg.num_classes, check_limit=limit)
+    per_worker = cfg.batch_size // cfg.workers
+    if len(train) // cfg.workers < per_worker:
+        raise ConfigError(
+            f"--batch-size {cfg.batch_size}: {len(train)} training examples give no full batch "
+            f"on each of {cfg.workers} workers"
+        )
+    return train, val
+
+
+def steps_per_epoch(cfg: TrainConfig, num_train: int) -> int:
+    """Equal on every worker: Ray Train splits the data equally, batches drop the remainder."""
+    full = (num_train // cfg.workers) // (cfg.batch_size // cfg.workers)
+    return min(full, cfg.steps_per_epoch) if cfg.steps_per_epoch else full
+
+
+def load_train_batch(batch: dict, size: int, min_scale: float, max_scale: float) -> dict:
+    """{image_uri, mask_uri} -> {IMAGE (n, S, S, 3) uint8, MASK (n, S, S) uint8}, augmented."""
+    rng = np.random.default_rng()  # fresh per call: every epoch sees new flips, scales and crops
+    images, masks = [], []
+    for image_uri, mask_uri in zip(batch[voc.IMAGE_URI], batch[voc.MASK_URI]):
+        image, mask = train_transform(*voc.load_example(image_uri, mask_uri), size, rng, min_scale, max_scale)
+        images.append(image)
+        masks.append(mask)
+    return {IMAGE: np.stack(images), MASK: np.stack(masks)}
+
+
+# ---------------------------------------------------------------- checkpoints (plain files under OUT)
+
+
+def checkpoint_uri(output: str, epoch: int) -> str:
+    return storage.join(output, CHECKPOINTS, f"epoch_{epoch:04d}")
+
+
+def committed_checkpoints(output: str) -> list[str]:
+    """Checkpoint folders whose state.json exists (written last), oldest first."""
+    root = storage.join(output, CHECKPOINTS)
+    if not storage.exists(root):
+        return []
+    states = storage.list_files(root, (STATE_FILE,))
+    return sorted(state.rsplit("/", 1)[0] for state in states)
+
+
+def publish_checkpoint(local_dir: str, cfg: TrainConfig, epoch: int, improved: bool) -> None:
+    """Rank 0 only: upload the epoch's folder (state.json last), refresh last/ and best/."""
+    target = checkpoint_uri(cfg.output, epoch)
+    for name in sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE):
+        path = os.path.join(local_dir, name)
+        if os.path.isdir(path):
+            storage.upload_dir(path, storage.join(target, name))
+        else:
+            with open(path, "rb") as f:
+                storage.write_bytes(storage.join(target, name), f.read())
+    for alias in [LAST] + ([BEST] if improved else []):
+        storage.upload_dir(local_dir, storage.join(cfg.output, alias))
+    for old in committed_checkpoints(cfg.output)[:-KEEP_CHECKPOINTS]:
+        fs, path = storage.filesystem(old)
+        fs.rm(path, recursive=True)
+
+
+# ---------------------------------------------------------------- on the workers
+
+
+def setup_distribution(cfg: TrainConfig, rank: int, world: int) -> None:
+    """Data parallel over all devices of all workers.
+
+    JaxTrainer initialises ``jax.distributed`` itself on GPUs; on CPUs it does not, so
+    rank 0 publishes a coordinator address and every worker joins with gloo collectives.
+    """
+    import jax
+    import keras
+
+    if cfg.gpus_per_worker == 0 and world > 1:
+        import ray.train.collective
+        from ray.train._internal.utils import get_address_and_port
+
+        address, port = ray.train.collective.broadcast_from_rank_zero(get_address_and_port() if rank == 0 else None)
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        keras.distribution.initialize(f"{address}:{port}", world, rank)
+    precision = cfg.precision or ("mixed_bfloat16" if cfg.gpus_per_worker else "float32")
+    keras.config.set_dtype_policy(precision)
+    if len(jax.devices()) > 1:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+        )
+
+
+def val_batches(pairs: list[voc.Pair | None], size: int, batch: int):
+    """Fixed-shape (images, masks) batches; ``None`` entries are padding (all-ignore masks)."""
+
+    def load(pair):
+        if pair is None:
+            return np.zeros((size, size, 3), np.uint8), np.full((size, size), IGNORE_LABEL, np.uint8)
+        return resize_for_eval(*voc.load_example(pair[voc.IMAGE_URI], pair[voc.MASK_URI]), size)
+
+    padded = pairs + [None] * (-len(pairs) % batch)
+    with ThreadPoolExecutor(8) as pool:  # I/O bound: S3 reads overlap
+        examples = pool.map(load, padded)
+        for _ in range(0, len(padded), batch):
+            chunk = [next(examples) for _ in range(batch)]
+            yield np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])
+
+
+def rank_slice(pairs: list, rank: int, world: int) -> list:
+    """This worker's share of ``pairs``, padded with ``None`` so every worker runs as many steps."""
+    share = pairs[rank::world]
+    return share + [None] * (math.ceil(len(pairs) / world) - len(share))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import keras
+    import keras_hub
+    import ray.train
+
+    from raydeeplab import recipe
+    from raydeeplab.metrics import ConfusionMatrix
+
+    cfg = from_dict(TrainConfig, config["cfg"])
+    steps, val_pairs = config["steps_per_epoch"], config["val_pairs"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    setup_distribution(cfg, rank, world)
+    per_worker = cfg.batch_size // world
+
+    committed = committed_checkpoints(cfg.output)
+    if committed:  # a restarted worker group or a rerun command: continue where it stopped
+        with tempfile.TemporaryDirectory() as tmp:
+            local = storage.download_dir(committed[-1], os.path.join(tmp, "ckpt"))
+            segmenter = keras_hub.models.ImageSegmenter.from_preset(local)
+            model = recipe.trainable_model(segmenter)
+            metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
+            state = recipe.restore_train_state(model, local)
+        logger.info("rank %d resumed from %s at epoch %d", rank, committed[-1], state["epoch"])
+    else:
+        segmenter = recipe.initial_segmenter(cfg)
+        model = recipe.trainable_model(segmenter)
+        metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
+        state = {"epoch": 0, "best_mean_iou": -1.0, "history": []}
+
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(state["epoch"], cfg.epochs):
+        started = time.perf_counter()
+        batches = shard.iter_batches(batch_size=per_worker, drop_last=True, batch_format="numpy")
+        losses = []
+        for _, batch in zip(range(steps), batches):
+            logs = model.train_on_batch(batch[IMAGE], batch[MASK], return_dict=True)
+            losses.append(float(logs["loss"]))
+        train_seconds = time.perf_counter() - started
+
+        metric.reset_state()
+        for images, masks in val_batches(rank_slice(val_pairs, rank, world), cfg.image_size, per_worker):
+            model.test_on_batch(images, masks)
+        matrix = recipe.confusion_matrix(metric)
+        scores = ConfusionMatrix.from_dict({"num_classes": cfg.num_classes, "matrix": matrix}).compute()
+
+        improved = scores["mean_iou"] > state["best_mean_iou"]
+        metrics = {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)) if losses else float("nan"),
+            "mean_iou": scores["mean_iou"],
+            "pixel_accuracy": scores["pixel_accuracy"],
+            "per_class_iou": scores["per_class_iou"],
+            "images_per_second": steps * cfg.batch_size / train_seconds if train_seconds else 0.0,
+            "step_seconds": train_seconds / max(steps, 1),
+        }
+        state = {
+            "epoch": epoch + 1,
+            "best_mean_iou": max(state["best_mean_iou"], scores["mean_iou"]),
+            "history": state["history"] + [metrics],
+        }
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe.save_train_state(segmenter, model, tmp, state)  # collective: every rank saves
+            with open(os.path.join(tmp, METRICS), "w") as f:
+                json.dump(metrics, f, indent=2)
+            if rank == 0:
+                publish_checkpoint(tmp, cfg, epoch + 1, improved)
+        ray.train.report({k: v for k, v in metrics.items() if k != "per_class_iou"})
+
+
+def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list[voc.Pair]):
+    import ray.data
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.v2.jax import JaxTrainer
+
+    train_ds = (
+        ray.data.from_items(train_pairs)
+        .randomize_block_order()
+        .map_batches(
+            load_train_batch,
+            batch_size=8,
+            fn_kwargs={"size": cfg.image_size, "min_scale": cfg.min_scale, "max_scale": cfg.max_scale},
+        )
+    )
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.gpus_per_worker:
+        resources["GPU"] = cfg.gpus_per_worker
+    storage_path, storage_filesystem = ray_storage(cfg.output)
+    run_config = RunConfig(
+        name="raydeeplab-train",
+        storage_path=storage_path,
+        storage_filesystem=storage_filesystem,
+        failure_config=FailureConfig(max_failures=cfg.max_failures),
+    )
+    return JaxTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": dataclasses.asdict(cfg),
+            "steps_per_epoch": steps_per_epoch(cfg, len(train_pairs)),
+            "val_pairs": val_pairs,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=run_config,
+        datasets={"train": train_ds},
+    )
+
+
+def ray_storage(output: str):
+    """(storage_path, storage_filesystem) for Ray Train's own run files, under ``OUT/_ray``."""
+    if not storage.is_remote(output):
+        return storage.join(storage.normalize(output), "_ray"), None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(output)
+    return f"{path}/_ray", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def run_train(cfg: TrainConfig) -> dict:
+    """Check, train, write metrics.json and the gallery. Ray must be initialised."""
+    train_pairs, val_pairs = check_train_config(cfg)
+    result = build_trainer(cfg, train_pairs, val_pairs).fit()
+    if result.error:
+        raise result.error
+    committed = committed_checkpoints(cfg.output)
+    state = json.loads(storage.read_bytes(storage.join(committed[-1], STATE_FILE)))
+    storage.write_bytes(storage.join(cfg.output, METRICS), json.dumps(state, indent=2).encode())
+    if cfg.gallery:
+        from raydeeplab.evaluate import write_gallery
+
+        write_gallery(storage.join(cfg.output, BEST), val_pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"))
+    return state
