@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-batch-size", type=int, default=8, help="B for 'batching on'")
     parser.add_argument("--batch-wait-timeout-s", type=float, default=0.01)
     parser.add_argument("--gpus-per-replica", type=float, help="default: 1 when a GPU is visible")
+    parser.add_argument("--precision", help="float32, bfloat16 or float16 (default: bfloat16 on GPU)")
     parser.add_argument("--timeout-s", type=float, default=120.0, help="per request")
     args = parser.parse_args(argv)
     if not 1 <= args.requests <= 100_000:
@@ -115,18 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     from raydeeplab.model import architectures, default_image_size, input_size, load_model
     from raydeeplab.serve import app_builder
 
-    is_arch = args.model in architectures()
-    image_size = args.image_size or (default_image_size(args.model) if is_arch else None)
-    model = load_model(args.model, args.num_classes, image_size)
-    image_size = input_size(model)
-    ceiling_rate = ceiling(model, args.max_batch_size, args.requests)
-    del model
-    print(f"ceiling: Segmenter.predict, batch {args.max_batch_size}, {image_size}px: {ceiling_rate:.1f} img/s")
-
     init_ray(None)
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
+    precision = args.precision or ("bfloat16" if gpus else None)  # what the replica will run
+    is_arch = args.model in architectures()
+    image_size = args.image_size or (default_image_size(args.model) if is_arch else None)
+    model = load_model(args.model, args.num_classes, image_size, precision)
+    image_size = input_size(model)
+    ceiling_rate = ceiling(model, args.max_batch_size, args.requests)
+    del model
+    print(
+        f"ceiling: Segmenter.predict, batch {args.max_batch_size}, {image_size}px, "
+        f"{precision or 'float32'}: {ceiling_rate:.1f} img/s"
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     bodies = sample_jpegs(16, args.source_size or image_size)
@@ -134,13 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     header = f"{'mode':<22} {'conc':>5} {'requests':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8}"
     print(header + f" {'req/s':>9} {'mean batch':>10} {'served/ceiling':>15}")
     try:
-        for label, batch_size in [(f"batching on (B={args.max_batch_size})", args.max_batch_size), ("batching off (B=1)", 1)]:
+        modes = [(f"batching on (B={args.max_batch_size})", args.max_batch_size), ("batching off (B=1)", 1)]
+        for label, batch_size in modes:
             builder_args = {
                 "model": args.model,
                 "num_classes": args.num_classes,
                 "max_batch_size": batch_size,
                 "batch_wait_timeout_s": args.batch_wait_timeout_s,
                 "gpus_per_replica": gpus,
+                "precision": precision,
                 "max_ongoing_requests": 2 * args.max_batch_size,  # the same queue for both modes
             }
             if is_arch:

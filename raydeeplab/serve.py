@@ -79,7 +79,7 @@ class ServeArgs(BaseModel):
     cpus_per_replica: float = Field(1.0, ge=0.0)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0.0)
-    max_ongoing_requests: int | None = Field(None, ge=1)  # default: 2 x max_batch_size
+    max_ongoing_requests: int | None = Field(None, ge=1)  # default: max(2 x max_batch_size, 8)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     auth_token_env: str | None = None  # name of an env var on the replicas holding the token
@@ -448,8 +448,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     config = ServeArgs.from_dict(args)
     options: dict[str, Any] = {
         "user_config": config.knobs().model_dump(),
-        # One batch on the device while the next one fills up.
-        "max_ongoing_requests": config.max_ongoing_requests or 2 * config.max_batch_size,
+        # One batch on the device while the next one fills up. Never tiny, even unbatched: a full
+        # replica sends callers into the router's retry backoff (4x less throughput at B=1).
+        "max_ongoing_requests": config.max_ongoing_requests or max(2 * config.max_batch_size, 8),
         "ray_actor_options": {
             "num_cpus": config.cpus_per_replica,
             "num_gpus": config.gpus_per_replica,
@@ -481,7 +482,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     add("--cpus-per-replica", type=float)
     add("--max-batch-size", type=int, help="requests per forward pass (1 turns batching off)")
     add("--batch-wait-timeout-s", type=float, help="how long a batch waits to fill up")
-    add("--max-ongoing-requests", type=int, help="per replica; default 2 x --max-batch-size")
+    add("--max-ongoing-requests", type=int, help="per replica; default max(2 x --max-batch-size, 8)")
     add("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to listen on every interface)")
     add("--port", type=int, default=8000)
     add("--max-body-bytes", type=int, help="larger request bodies get 413")

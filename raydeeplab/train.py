@@ -217,11 +217,12 @@ def train_loop_per_worker(config: dict) -> None:
             metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
             state = recipe.restore_train_state(model, local)
         logger.info("rank %d resumed from %s at epoch %d", rank, committed[-1], state["epoch"])
+        state["resumed_at_epochs"] = state.get("resumed_at_epochs", []) + [state["epoch"]]
     else:
         segmenter = recipe.initial_segmenter(cfg)
         model = recipe.trainable_model(segmenter)
         metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
-        state = {"epoch": 0, "best_mean_iou": -1.0, "history": []}
+        state = {"epoch": 0, "best_mean_iou": -1.0, "history": [], "resumed_at_epochs": []}
 
     shard = ray.train.get_dataset_shard("train")
     for epoch in range(state["epoch"], cfg.epochs):
@@ -246,10 +247,12 @@ def train_loop_per_worker(config: dict) -> None:
             "mean_iou": scores["mean_iou"],
             "pixel_accuracy": scores["pixel_accuracy"],
             "per_class_iou": scores["per_class_iou"],
+            "confusion_matrix": matrix.tolist(),
             "images_per_second": steps * cfg.batch_size / train_seconds if train_seconds else 0.0,
             "step_seconds": train_seconds / max(steps, 1),
         }
         state = {
+            **state,
             "epoch": epoch + 1,
             "best_mean_iou": max(state["best_mean_iou"], scores["mean_iou"]),
             "history": state["history"] + [metrics],
@@ -260,7 +263,7 @@ def train_loop_per_worker(config: dict) -> None:
                 json.dump(metrics, f, indent=2)
             if rank == 0:
                 publish_checkpoint(tmp, cfg, epoch + 1, improved)
-        ray.train.report({k: v for k, v in metrics.items() if k != "per_class_iou"})
+        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
 
 
 def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list[voc.Pair]):

@@ -1,0 +1,161 @@
+"""Training on 2 CPU workers of a real local Ray cluster, data in a real (moto) S3 bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from raydeeplab import storage
+from raydeeplab.config import ConfigError, TrainConfig
+from raydeeplab.data import synthetic, voc
+from raydeeplab.data.transforms import resize_for_eval
+from raydeeplab.train import check_train_config, run_train
+
+SIZE = 64
+CLASSES = 4
+
+
+def train_config(data: str, output: str, **kwargs) -> TrainConfig:
+    values = dict(
+        data=data, output=output, model="tiny", num_classes=CLASSES, image_size=SIZE,
+        batch_size=8, epochs=2, workers=2, learning_rate=0.05, gallery=2,
+    )  # fmt: skip
+    return TrainConfig(**{**values, **kwargs})
+
+
+def independent_confusion(model_uri: str, pairs: list[dict]) -> np.ndarray:
+    """Confusion matrix by plain numpy over every val pair, one process, no Ray, no Keras metric."""
+    from raydeeplab.model import load_model
+    from raydeeplab.predict import Segmenter
+
+    segmenter = Segmenter(load_model(model_uri), batch_size=4)
+    matrix = np.zeros((CLASSES, CLASSES), np.int64)
+    for pair in pairs:
+        image, truth = resize_for_eval(*voc.load_example(pair["image_uri"], pair["mask_uri"]), SIZE)
+        pred = segmenter.predict(image[None])[0]
+        for t in range(CLASSES):
+            for p in range(CLASSES):
+                matrix[t, p] += np.sum((truth == t) & (pred == p))
+    return matrix
+
+
+@pytest.fixture(scope="module")
+def voc_sbd_bucket(moto_s3):
+    """VOC and SBD layouts of one generated dataset in S3 (ids overlap like the real ones)."""
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}).mkdir("train-data")
+    synthetic.make_shapes_dataset("s3://train-data/VOC2012", 24, size=(48, 64), num_classes=CLASSES, layout="voc")
+    synthetic.make_shapes_dataset(
+        "s3://train-data/SBD", 16, size=(48, 64), num_classes=CLASSES, layout="sbd", first_index=16
+    )
+    return "s3://train-data"
+
+
+def test_two_workers_train_from_s3_and_report_exact_metrics(ray_local, voc_sbd_bucket, bucket):
+    cfg = train_config(f"{voc_sbd_bucket}/VOC2012", f"{bucket}/run", sbd=f"{voc_sbd_bucket}/SBD")
+    train_pairs, val_pairs = check_train_config(cfg)
+    stem = lambda pair: pair["image_uri"].rsplit("/", 1)[1][:-4]  # noqa: E731
+    voc_val = {stem(p) for p in val_pairs}
+    sbd_ids = {f"img_{i:06d}" for i in range(16, 32)}
+    voc_train = {f"img_{i:06d}" for i in range(24)} - voc_val
+    assert {stem(p) for p in train_pairs} == (voc_train | sbd_ids) - voc_val  # the train_aug rule
+
+    state = run_train(cfg)
+
+    history = state["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert history[-1]["loss"] < history[0]["loss"]
+    last = json.loads(storage.read_bytes(f"{bucket}/run/last/metrics.json"))
+    matrix = np.asarray(last["confusion_matrix"])
+    reference = independent_confusion(f"{bucket}/run/last", val_pairs)
+    # Every non-ignored validation pixel counted exactly once across the 2 workers (no padding, no duplicates).
+    assert matrix.sum() == reference.sum()
+    assert np.abs(matrix - reference).sum() <= 0.001 * reference.sum()  # float noise may flip a few argmaxes
+    iou = np.diag(reference) / (reference.sum(0) + reference.sum(1) - np.diag(reference))
+    assert last["mean_iou"] == pytest.approx(np.nanmean(iou), abs=2e-3)
+    # best/ and last/ are presets predict can load; the gallery is a real PNG.
+    assert storage.exists(f"{bucket}/run/best/config.json")
+    assert storage.read_bytes(f"{bucket}/run/gallery.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Rerunning a finished command resumes from its last checkpoint instead of starting over.
+    again = run_train(train_config(cfg.data, cfg.output, sbd=cfg.sbd, epochs=3))
+    assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
+    assert again["resumed_at_epochs"] == [2]
+    assert again["history"][:2] == history
+
+
+def ray_train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"RayTrainWorker" in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
+    synthetic.make_shapes_dataset(str(tmp_path / "data"), 24, size=(48, 64), num_classes=CLASSES, layout="voc")
+    cfg = train_config(str(tmp_path / "data"), str(tmp_path / "run"), epochs=3, max_failures=2, gallery=0)
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(state=run_train(cfg)))
+    runner.start()
+    first = tmp_path / "run" / "checkpoints" / "epoch_0001" / "state.json"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert runner.is_alive() and time.monotonic() < deadline, "training ended or stalled before epoch 1"
+        time.sleep(0.2)
+    victims = ray_train_worker_pids()
+    assert victims, "no Ray Train worker process found"
+    os.kill(victims[-1], signal.SIGKILL)
+    runner.join(timeout=600)
+
+    state = result["state"]
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
+    assert state["resumed_at_epochs"] and state["resumed_at_epochs"][0] >= 1
+
+
+def test_dataset_problems_are_reported_before_training_with_the_file_name(tmp_path):
+    synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")
+    with pytest.raises(voc.DatasetError, match="class value"):
+        check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out"), num_classes=2))
+    split = tmp_path / "voc" / "ImageSets" / "Segmentation" / "val.txt"
+    split.unlink()
+    with pytest.raises(voc.DatasetError, match="val.txt"):
+        check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out")))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 7}, "--batch-size 7 must be a multiple of --workers 2"),
+        ({"image_size": 50}, "--image-size must be a multiple of 32, got 50"),
+        ({"layout": "coco"}, "--layout must be one of"),
+        ({"data": "/nonexistent"}, "--data /nonexistent: no such folder"),
+    ],
+)
+def test_bad_training_flags_name_the_flag(tmp_path, kwargs, message):
+    data = kwargs.pop("data", str(tmp_path))
+    cfg = train_config(data, str(tmp_path / "out"), **kwargs)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        check_train_config(cfg)
+
+
+def test_cli_train_rejects_a_yaml_typo_before_ray(tmp_path, capsys):
+    from raydeeplab.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x\noutput: y\nepocs: 3\n")
+    assert main(["train", "--config", str(config)]) == 2
+    assert "unknown key(s) epocs" in capsys.readouterr().err
