@@ -74,18 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = verbs.add_parser("quickstart", help="offline demo on local Ray: data, model, masks, gallery")
     quick.add_argument("--output", default="quickstart_out")
-    quick.add_argument("--images", type=int, default=24)
+    quick.add_argument("--images", type=int, default=48, help="labelled examples to generate")
+    quick.add_argument("--epochs", type=int, default=8)
     return parser
 
 
-def init_ray(address: str | None) -> None:
-    """Connect to (or start) Ray, passing the environment workers need to behave like the driver."""
+def init_ray(address: str | None, min_cpus: int | None = None) -> None:
+    """Connect to (or start) Ray, passing the environment workers need to behave like the driver.
+
+    ``min_cpus`` raises the logical CPU count of a cluster started here, so a demo that needs
+    several concurrent workers still schedules on a small machine.
+    """
     import ray
 
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    starts_local = (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
+    cpus = max(min_cpus, os.cpu_count() or 1) if (min_cpus and starts_local) else None
+    ray.init(address=address, num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def run_predict_verb(args: argparse.Namespace) -> int:
@@ -143,9 +150,10 @@ def run_model_verb(args: argparse.Namespace) -> int:
 def run_quickstart_verb(args: argparse.Namespace) -> int:
     from raydeeplab.quickstart import quickstart
 
-    init_ray(args.address)
-    gallery = quickstart(args.output, args.images)
-    print(f"gallery: {gallery}")
+    init_ray(args.address, min_cpus=4)  # 2 training workers + data tasks, even on 2 cores
+    result = quickstart(args.output, args.images, args.epochs)
+    print(f"masks: {result['predictions']}/masks")
+    print(f"gallery: {result['gallery']}")
     return 0
 
 

@@ -312,6 +312,8 @@ def test_unknown_or_conflicting_arguments_fail_with_the_key():
         app_builder({"max_batch_size": 0})
     with pytest.raises(ConfigError, match="image_size"):
         ServeArgs.from_dict({"image_size": 100})
+    with pytest.raises(ValueError, match="batch_size"):  # what reconfigure() does with user_config
+        Knobs.model_validate({"model": "tiny", "batch_size": 4})
 
 
 def test_flags_become_builder_arguments_with_autoscaling():
