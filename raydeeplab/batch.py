@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydeeplab import storage
+from raydeeplab import storage, telemetry
 from raydeeplab.config import ConfigError, PredictConfig
 from raydeeplab.data.images import (
     IMAGE_EXTENSIONS,
@@ -125,7 +125,9 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) 
     errors = []
     for i, uri in enumerate(batch[PATH]):
         try:
-            image = decode_image(read_input(uri), max_pixels)
+            data = read_input(uri)
+            telemetry.bytes_read(len(data))
+            image = decode_image(data, max_pixels)
         except ImageError as err:
             errors.append(str(err))
             continue
@@ -167,7 +169,10 @@ class SegmenterPredictor:
         ok = batch[ERROR] == ""
         masks = np.zeros(images.shape[:3], np.uint8)
         if ok.any():  # failed rows carry a zero image: don't spend the device on them
+            started = time.perf_counter()
             masks[ok] = self.segmenter.predict(images[ok])
+            fill = ok.sum() / (-(-ok.sum() // self.segmenter.batch_size) * self.segmenter.batch_size)
+            telemetry.device_batch(time.perf_counter() - started, float(fill), role="batch")
         batch[MASK] = masks
         return batch
 
@@ -185,7 +190,9 @@ def write_outputs(
             mask = resize_mask(batch[MASK][i], height, width)
             mask_uri = storage.join(output, MASKS_DIR, f"{batch[RELPATH][i]}.png")
             try:
-                storage.write_bytes(mask_uri, encode_mask_png(mask))
+                png = encode_mask_png(mask)
+                storage.write_bytes(mask_uri, png)
+                telemetry.bytes_written(len(png))
                 counts = np.bincount(mask.ravel(), minlength=num_classes).tolist()
             except OSError as err:
                 error, mask_uri = f"write failed: {type(err).__name__}: {err}", None
@@ -202,10 +209,20 @@ def write_outputs(
     sink = io.BytesIO()
     pq.write_table(table, sink)
     storage.write_bytes(storage.join(output, PREDICTIONS_DIR, f"part-{digest}.parquet"), sink.getvalue())
+    telemetry.bytes_written(sink.tell())
+    telemetry.images_processed(sum(e is None for e in rows[ERROR]))
+    for error in rows[ERROR]:
+        if error:
+            telemetry.image_failed(reason_of(error))
     return {PATH: np.array(rows[PATH]), ERROR: np.array([e or "" for e in rows[ERROR]])}
 
 
 # ---------------------------------------------------------------- the job
+
+
+def reason_of(error: str) -> str:
+    """The short kind of an error message ("corrupt image: ..." -> "corrupt image")."""
+    return error.split(":", 1)[0]
 
 
 @dataclasses.dataclass
@@ -308,7 +325,7 @@ def run_predict(cfg: PredictConfig) -> RunSummary:
             failed = batch[ERROR] != ""
             summary.failed += int(failed.sum())
             summary.ok += int((~failed).sum())
-            reasons.update(reason.split(":", 1)[0] for reason in batch[ERROR][failed])
+            reasons.update(reason_of(error) for error in batch[ERROR][failed])
     summary.errors_by_reason = dict(reasons)
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.processed / summary.seconds if summary.seconds else 0.0

@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(verbs.add_parser("train", help="fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
     add_config_flags(verbs.add_parser("evaluate", help="mean IoU / pixel accuracy over a split"), EvaluateConfig)
 
+    from raydeeplab.serve import add_serve_flags
+
+    add_serve_flags(verbs.add_parser("serve", help="online segmentation over HTTP (Ray Serve)"))
+
     model = verbs.add_parser("model", help="model presets").add_subparsers(dest="action", required=True)
     create = model.add_parser("create", help="write a random-init preset (offline)")
     create.add_argument("--arch", required=True)
@@ -139,6 +143,12 @@ def run_evaluate_verb(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve_verb(args: argparse.Namespace) -> int:
+    from raydeeplab.serve import run_serve_verb as serve
+
+    return serve(args)
+
+
 def run_model_verb(args: argparse.Namespace) -> int:
     from raydeeplab.model import create_model, default_image_size
 
@@ -161,6 +171,7 @@ VERBS = {
     "predict": run_predict_verb,
     "train": run_train_verb,
     "evaluate": run_evaluate_verb,
+    "serve": run_serve_verb,
     "model": run_model_verb,
     "quickstart": run_quickstart_verb,
 }

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from raydeeplab import storage
+from raydeeplab import storage, telemetry
 from raydeeplab.config import ConfigError, TrainConfig, from_dict
 from raydeeplab.data import voc
 from raydeeplab.data.images import IGNORE_LABEL
@@ -233,6 +233,7 @@ def train_loop_per_worker(config: dict) -> None:
             logs = model.train_on_batch(batch[IMAGE], batch[MASK], return_dict=True)
             losses.append(float(logs["loss"]))
         train_seconds = time.perf_counter() - started
+        telemetry.train_step(train_seconds / max(steps, 1), steps * per_worker / max(train_seconds, 1e-9))
 
         metric.reset_state()
         for images, masks in val_batches(rank_slice(val_pairs, rank, world), cfg.image_size, per_worker):
