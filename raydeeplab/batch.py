@@ -261,13 +261,33 @@ def actor_resources(cfg: PredictConfig) -> tuple[float, int]:
     return gpus_per_actor, actors
 
 
-def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
+def decode_task_memory(rows: int, image_size: int) -> int:
     """Bytes a decode task holds: its output batch plus source images (~4x the model size each).
 
     Declaring it also keeps Ray Data from fusing decoding into the GPU actor (their resource
     requests differ), so decoding runs in tasks on other cores while the actor feeds the device.
     """
-    return cfg.decode_batch_size * image_size * image_size * 3 * 5
+    return rows * image_size * image_size * 3 * 5
+
+
+def block_rows(cfg: PredictConfig, count: int) -> int:
+    """Inputs per block (one decode task, one actor call, one Parquet part): whole device
+    batches, so no padded batch runs mid-stream; at least ``decode_batch_size``; at most
+    10,000 blocks however long the list."""
+    rows = max(cfg.decode_batch_size, -(-count // 10_000))
+    return -(-rows // cfg.batch_size) * cfg.batch_size
+
+
+def input_blocks(todo: list[tuple[str, str]], rows: int) -> list[pa.Table]:
+    """``todo`` as Arrow tables of ``rows`` inputs (the last one shorter), one per block.
+
+    Exact block sizes: ``from_items`` splits evenly (300 inputs -> 10 blocks of 30), and a
+    decode task then took two (60 rows = 3 full batches of 16 and one padded to 16).
+    """
+    return [
+        pa.table({PATH: [uri for uri, _ in chunk], RELPATH: [rel for _, rel in chunk]})
+        for chunk in (todo[start : start + rows] for start in range(0, len(todo), rows))
+    ]
 
 
 def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
@@ -278,16 +298,15 @@ def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     gpus_per_actor, actors = actor_resources(cfg)
-    num_blocks = max(1, min(len(todo) // cfg.decode_batch_size + 1, 10_000))
-    items = [{PATH: uri, RELPATH: rel} for uri, rel in todo]
+    rows = block_rows(cfg, len(todo))
     return (
-        ray.data.from_items(items, override_num_blocks=num_blocks)
+        ray.data.from_arrow(input_blocks(todo, rows))
         .map_batches(
             load_images,
-            batch_size=cfg.decode_batch_size,
+            batch_size=rows,
             batch_format="numpy",
             fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels},
-            memory=decode_task_memory(cfg, info.image_size),
+            memory=decode_task_memory(rows, info.image_size),
         )
         .map_batches(
             SegmenterPredictor,

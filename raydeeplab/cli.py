@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def job_env_vars() -> dict:
+    """Variables a submitted job's runtime_env already sets (Ray refuses to set them twice)."""
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
+    return job.get("runtime_env", {}).get("env_vars", {})
+
+
 def init_ray(address: str | None, min_cpus: int | None = None) -> None:
     """Connect to (or start) Ray, passing the environment workers need to behave like the driver.
 
@@ -93,7 +99,7 @@ def init_ray(address: str | None, min_cpus: int | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ and k not in job_env_vars()}
     starts_local = (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
     cpus = max(min_cpus, os.cpu_count() or 1) if (min_cpus and starts_local) else None
     ray.init(address=address, num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=True)
