@@ -32,6 +32,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 
+from raydeeplab import telemetry
 from raydeeplab.config import ConfigError
 from raydeeplab.data.images import (
     ImageError,
@@ -221,11 +222,14 @@ class LoadedModel:
     model: Any  # keras-hub ImageSegmenter
     segmenters: dict  # device batch size -> raydeeplab.predict.Segmenter
 
+    def device_batch(self, count: int) -> int:
+        """The smallest compiled batch shape that holds ``count`` images (else the largest)."""
+        sizes = sorted(self.segmenters)
+        return next((size for size in sizes if size >= count), sizes[-1])
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """``(n, S, S, 3) uint8`` -> ``(n, S, S) uint8`` on the smallest compiled shape that fits."""
-        sizes = sorted(self.segmenters)
-        fits = next((size for size in sizes if size >= len(images)), sizes[-1])
-        return self.segmenters[fits].predict(images)
+        return self.segmenters[self.device_batch(len(images))].predict(images)
 
 
 class Served(NamedTuple):
@@ -295,8 +299,6 @@ class SegmenterDeployment:
     """HTTP segmentation; one model load per replica, concurrent requests batched on device."""
 
     def __init__(self, args: dict[str, Any]):
-        from ray.util import metrics
-
         self.args = ServeArgs.from_dict(args)
         self.token = read_auth_token(self.args.auth_token_env, self.args.auth_token_file)
         self.loaded: LoadedModel | None = None  # set by the first reconfigure(), before any traffic
@@ -304,11 +306,6 @@ class SegmenterDeployment:
         self.recent = collections.deque(maxlen=RECENT_BATCHES)
         self.requests = 0  # that reached predict_batch
         self.forward_passes = 0
-        self.batch_size_metric = metrics.Histogram(
-            "raydeeplab_serve_batch_size",
-            description="Requests per Segmenter forward pass.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-        )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this right after ``__init__`` and on every ``user_config`` change.
@@ -376,10 +373,12 @@ class SegmenterDeployment:
         size = loaded.info.image_size
         # Only during a model swap to another input size can a request arrive resized for the old one.
         batch = np.stack([im if im.shape[0] == size else resize_image(im, size) for im in images])
+        started = time.perf_counter()
         masks = await asyncio.to_thread(loaded.predict, batch)  # the event loop keeps decoding
         self.recent.append(len(images))
         self.forward_passes += 1
-        self.batch_size_metric.observe(len(images))
+        fill = len(images) / loaded.device_batch(len(images))
+        telemetry.serve_batch(len(images), time.perf_counter() - started, fill)
         return [Served(mask, len(images), loaded) for mask in masks]
 
     @api.post("/segment", openapi_extra=SEGMENT_BODY, responses=SEGMENT_RESPONSES)

@@ -70,3 +70,11 @@ def device_batch(seconds: float, fill: float, role: str) -> None:
 def train_step(seconds: float, images_per_second: float) -> None:
     histogram("raydeeplab_train_step_seconds", "Training step time", tuple(LATENCY_BUCKETS)).observe(seconds)
     gauge("raydeeplab_train_images_per_second", "Training throughput (this worker's epoch)").set(images_per_second)
+
+
+def serve_batch(requests: int, seconds: float, fill: float) -> None:
+    """One batched forward pass in a Serve replica: how many requests shared it."""
+    histogram(
+        "raydeeplab_serve_batch_size", "Requests per forward pass", (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    ).observe(requests)
+    device_batch(seconds, fill, role="serve")
