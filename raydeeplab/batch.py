@@ -167,14 +167,22 @@ class SegmenterPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = batch.pop(IMAGE)
         ok = batch[ERROR] == ""
-        masks = np.zeros(images.shape[:3], np.uint8)
-        if ok.any():  # failed rows carry a zero image: don't spend the device on them
-            started = time.perf_counter()
-            masks[ok] = self.segmenter.predict(images[ok])
-            fill = ok.sum() / (-(-ok.sum() // self.segmenter.batch_size) * self.segmenter.batch_size)
-            telemetry.device_batch(time.perf_counter() - started, float(fill), role="batch")
-        batch[MASK] = masks
+        if ok.all():  # the usual case, without boolean-index copies (~45 ms per 64 x 512^2 batch)
+            batch[MASK] = self.predict(images)
+        else:  # failed rows carry a zero image: don't spend the device on them
+            batch[MASK] = np.zeros(images.shape[:3], np.uint8)
+            if ok.any():
+                batch[MASK][ok] = self.predict(images[ok])
         return batch
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        masks = self.segmenter.predict(images)
+        if len(images):
+            calls = -(-len(images) // self.segmenter.batch_size)
+            fill = len(images) / (calls * self.segmenter.batch_size)
+            telemetry.device_batch(time.perf_counter() - started, fill, role="batch")
+        return masks
 
 
 def write_outputs(
