@@ -47,16 +47,16 @@ def cluster(moto_s3, tmp_path_factory):
     address = f"http://127.0.0.1:{ports['dashboard']}"
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            client = JobSubmissionClient(address)
-            client.list_jobs()
-            break
-        except Exception:
-            assert head.poll() is None and time.monotonic() < deadline, "the head node did not come up"
-            time.sleep(1)
     try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                client = JobSubmissionClient(address)
+                client.list_jobs()
+                break
+            except Exception:
+                assert head.poll() is None and time.monotonic() < deadline, "the head node did not come up"
+                time.sleep(1)
         yield {"address": address, "client": client, "metrics": ports["metrics"]}
     finally:
         os.killpg(head.pid, 9)
