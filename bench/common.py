@@ -1,5 +1,6 @@
 """What ``bench/infer.py`` and ``bench/train.py`` share: a cached JPEG corpus, a fresh Ray worker
-with a pipeline worker's resources, a timing loop and the final ``RESULT`` line.
+with a pipeline worker's resources, a timing loop, the host-inclusive bound and the final
+``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -95,6 +96,15 @@ def run_in_fresh_worker(fn: Callable, gpus: float, cpus: float, *args, **kwargs)
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # bench/ is not on the workers' path
     remote = ray.remote(num_gpus=gpus, num_cpus=cpus, max_calls=1)(fn)
     return ray.get(remote.remote(*args, **kwargs))
+
+
+def host_bound(ceiling: float, host_s: float, cores: int, on_gpu: bool) -> float:
+    """The best images/s with ``host_s`` seconds of single-core host work per image included:
+    the device and the host cores run side by side on a GPU machine; on a CPU-only one they
+    divide the same cores (perfect overlap and scaling assumed: an upper bound)."""
+    if on_gpu:
+        return min(ceiling, cores / host_s)
+    return 1.0 / (1.0 / ceiling + host_s / cores)
 
 
 def cluster_gpus() -> int:

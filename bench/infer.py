@@ -15,8 +15,8 @@ One run, one local Ray cluster, one machine:
 3. steady state = images committed after the k-th Parquet part / seconds from that part to
    the last one, k = calls in flight over all actors (they start together once the model is
    ready, so their work is start-up). A part is written by a ``write_outputs`` task after its
-   PNGs; the tail is included. Each part holds one decode block (~60 images by default), so
-   a few hundred images give a coarse number: use thousands for a precise one;
+   PNGs; the tail is included. A part holds what one actor call returned (about 60 images
+   by default), so a few hundred images give a coarse number: thousands give a precise one;
    time to first mask = first PNG's mtime - the moment the actor's constructor started
    running (its creation task's RUNNING event in Ray's state API).
 
@@ -38,7 +38,16 @@ import tempfile
 import time
 
 import numpy as np
-from common import DEFAULT_CACHE, check_positive, cluster_gpus, jpeg_corpus, rate, result_line, run_in_fresh_worker
+from common import (
+    DEFAULT_CACHE,
+    check_positive,
+    cluster_gpus,
+    host_bound,
+    jpeg_corpus,
+    rate,
+    result_line,
+    run_in_fresh_worker,
+)
 
 TARGET_GPU, TARGET_CPU, TARGET_FIRST_MASK_S = 0.9, 0.8, 15.0
 HOST_SAMPLE = 64  # images whose decode and write are timed for the host cost per image
@@ -71,7 +80,7 @@ def measure_ceiling(cfg, sample: list[str], seconds: float) -> dict:
     arrays; host seconds per image of the pipeline's CPU stages on ``sample``."""
     import keras
 
-    from raydeeplab.batch import ERROR, PATH, RELPATH, load_images, write_outputs
+    from raydeeplab.batch import ERROR, IMAGE, MASK, PATH, RELPATH, load_images, write_outputs
     from raydeeplab.model import load_model
     from raydeeplab.predict import Segmenter, build_mask_model, compile_inference, to_host
 
@@ -92,21 +101,14 @@ def measure_ceiling(cfg, sample: list[str], seconds: float) -> dict:
     started = time.perf_counter()
     batch = load_images(batch, size, cfg.max_pixels)
     result["decode_s"] = (time.perf_counter() - started) / len(sample)
-    batch["mask"] = segmenter.predict(batch.pop("image"))
-    assert (batch[ERROR] == "").all(), batch[ERROR]
+    if (batch[ERROR] != "").any():
+        raise RuntimeError(f"corpus images failed to decode: {set(batch[ERROR])}")
+    batch[MASK] = segmenter.predict(batch.pop(IMAGE))
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         write_outputs(batch, out, cfg.model, segmenter.num_classes)
         result["write_s"] = (time.perf_counter() - started) / len(sample)
     return result
-
-
-def host_bound(ceiling: float, host_s: float, cores: int, on_gpu: bool) -> float:
-    """The best steady state with host work included: the device and the host cores run
-    side by side on a GPU machine; on a CPU-only one they divide the same cores."""
-    if on_gpu:
-        return min(ceiling, cores / host_s)
-    return 1.0 / (1.0 / ceiling + host_s / cores)
 
 
 # ---------------------------------------------------------------- the pipeline
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         compile_cache=os.path.join(work, "xla"),  # empty: the first run compiles
         **({"decode_batch_size": args.decode_batch_size} if args.decode_batch_size else {}),
     )
-    cores = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    cores = os.cpu_count() or 1
     _, actors = actor_resources(cfg)
     try:
         ceiling = run_in_fresh_worker(
@@ -216,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = measure_pipeline(dataclasses.replace(cfg, output=os.path.join(work, "warm")), in_flight)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    ray.shutdown()  # flush the workers' log lines before the report
     report(args, cfg, gpus, actors, cores, ceiling, cold, warm)
     return 0
 
