@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +24,8 @@ from tests.s3_server import free_port
 from tests.test_batch import read_rows, write_photos
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The `ray` CLI installed beside this interpreter, whatever PATH says.
+RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def cluster(moto_s3, tmp_path_factory):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=4",
+        [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=4",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
          f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
          f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
@@ -72,7 +75,7 @@ def submit(cluster, *entrypoint: str) -> str:
             for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
         }
     }
-    command = ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", REPO, "--no-wait",
+    command = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", REPO, "--no-wait",
                "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint]  # fmt: skip
     for _ in range(30):  # the head's job agent comes up a few seconds after the dashboard
         out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
