@@ -153,13 +153,9 @@ class SegmenterPredictor:
         from raydeeplab.predict import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()
-        if cfg.compile_cache:
-            enable_compilation_cache(cfg.compile_cache)
-        else:
-            enable_compilation_cache()
+        enable_compilation_cache(cfg.compile_cache)
         precision = cfg.precision or ("bfloat16" if on_gpu else None)
-        kwargs = {"cache_dir": cfg.model_cache} if cfg.model_cache else {}
-        model = load_model(cfg.model, cfg.num_classes, cfg.image_size, precision, **kwargs)
+        model = load_model(cfg.model, cfg.num_classes, cfg.image_size, precision, cfg.model_cache)
         self.segmenter = Segmenter(model, cfg.batch_size)
         self.segmenter.warmup()
         logger.info("segmenter ready in %.1fs", time.perf_counter() - started)

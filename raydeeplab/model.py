@@ -247,12 +247,12 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
     return ModelInfo(task["num_classes"], size, tuple(names))
 
 
-def local_preset(spec: str, cache_dir: str = DEFAULT_CACHE) -> str:
+def local_preset(spec: str, cache_dir: str | None = None) -> str:
     """A local directory or name that ``from_preset`` understands; remote presets are cached."""
     if not storage.is_remote(spec):
         return spec
     key = hashlib.sha1(storage.normalize(spec).encode()).hexdigest()[:16]
-    local = os.path.join(cache_dir, "presets", key)
+    local = os.path.join(cache_dir or DEFAULT_CACHE, "presets", key)
     if not os.path.exists(local):
         os.makedirs(os.path.dirname(local), exist_ok=True)
         storage.download_dir(spec, local)
@@ -264,7 +264,7 @@ def load_model(
     num_classes: int = 21,
     image_size: int | None = None,
     dtype: str | None = None,
-    cache_dir: str = DEFAULT_CACHE,
+    cache_dir: str | None = None,  # default: ~/.cache/raydeeplab
 ) -> keras_hub.models.ImageSegmenter:
     """Any ``--model`` value -> segmenter. ``num_classes``/``image_size`` only apply to architectures."""
     check_model_spec(spec)

@@ -20,12 +20,13 @@ from raydeeplab.model import input_size
 DEFAULT_COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab", "xla")
 
 
-def enable_compilation_cache(path: str = DEFAULT_COMPILE_CACHE) -> None:
+def enable_compilation_cache(path: str | None = None) -> None:
     """JAX persistent compilation cache: a restarted actor loads its executable instead of compiling."""
     if keras.backend.backend() != "jax":
         return
     import jax
 
+    path = path or DEFAULT_COMPILE_CACHE
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -329,18 +329,14 @@ class SegmenterDeployment:
 
         started = time.perf_counter()
         args = self.args
-        if args.compile_cache:
-            enable_compilation_cache(args.compile_cache)
-        else:
-            enable_compilation_cache()
+        enable_compilation_cache(args.compile_cache)
         same_model = previous is not None and previous.spec == knobs.model
         if same_model:
             info, model = previous.info, previous.model
         else:
             precision = args.precision or ("bfloat16" if args.gpus_per_replica > 0 else None)
-            kwargs = {"cache_dir": args.model_cache} if args.model_cache else {}
             info = describe_model(knobs.model, args.num_classes, args.image_size)
-            model = load_model(knobs.model, args.num_classes, args.image_size, precision, **kwargs)
+            model = load_model(knobs.model, args.num_classes, args.image_size, precision, args.model_cache)
         segmenters = {}
         for size in device_batch_sizes(knobs.max_batch_size):
             if same_model and size in previous.segmenters:
