@@ -98,8 +98,8 @@ def completed_inputs(output: str) -> set[str]:
     return done
 
 
-def check_predict_config(cfg: PredictConfig) -> None:
-    """Every check that needs no cluster: fails fast with the flag's name."""
+def check_predict_config(cfg: PredictConfig):
+    """Every check that needs no cluster: fails fast with the flag's name. Returns the ModelInfo."""
     cfg.validate()
     if not storage.exists(cfg.input):
         raise ConfigError(f"--input {cfg.input}: no such file or folder")
@@ -111,7 +111,7 @@ def check_predict_config(cfg: PredictConfig) -> None:
             )
     from raydeeplab.model import describe_model  # keras-hub: imported where needed, not by CPU stages
 
-    describe_model(cfg.model, cfg.num_classes, cfg.image_size)
+    return describe_model(cfg.model, cfg.num_classes, cfg.image_size)
 
 
 # ---------------------------------------------------------------- pipeline stages
@@ -275,13 +275,11 @@ def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
     return 128 * 2**20 + cfg.decode_batch_size * image_size * image_size * 3 * 5
 
 
-def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
-    """The Ray Data plan for ``todo`` inputs (lazy: nothing runs until it is consumed)."""
+def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]], info):
+    """The Ray Data plan for ``todo`` inputs (lazy: nothing runs until it is consumed);
+    ``info`` is the model's ModelInfo from :func:`check_predict_config`."""
     import ray
 
-    from raydeeplab.model import describe_model
-
-    info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     gpus_per_actor, actors = actor_resources(cfg)
     num_blocks = max(1, min(len(todo) // cfg.decode_batch_size + 1, 10_000))
     items = [{PATH: uri, RELPATH: rel} for uri, rel in todo]
@@ -314,9 +312,12 @@ def build_pipeline(cfg: PredictConfig, todo: list[tuple[str, str]]):
     )
 
 
-def run_predict(cfg: PredictConfig) -> RunSummary:
-    """List, skip what is done, run the pipeline, write ``_run.json``. Ray must be initialised."""
-    check_predict_config(cfg)
+def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
+    """List, skip what is done, run the pipeline, write ``_run.json``. Ray must be initialised.
+
+    ``info`` is what :func:`check_predict_config` returned when the caller already checked.
+    """
+    info = info or check_predict_config(cfg)
     started = time.perf_counter()
     inputs = list_inputs(cfg.input)
     done = completed_inputs(cfg.output)
@@ -324,7 +325,7 @@ def run_predict(cfg: PredictConfig) -> RunSummary:
     summary = RunSummary(inputs=len(inputs), skipped=len(inputs) - len(todo))
     reasons: collections.Counter = collections.Counter()
     if todo:
-        for batch in build_pipeline(cfg, todo).iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in build_pipeline(cfg, todo, info).iter_batches(batch_size=None, batch_format="numpy"):
             if summary.first_output_seconds is None:
                 summary.first_output_seconds = time.perf_counter() - started
             failed = batch[ERROR] != ""

@@ -109,9 +109,9 @@ def run_predict_verb(args: argparse.Namespace) -> int:
     from raydeeplab.batch import check_predict_config, run_predict
 
     cfg = config_from_args(PredictConfig, args)
-    check_predict_config(cfg)  # before any cluster work
+    info = check_predict_config(cfg)  # before any cluster work
     init_ray(args.address)
-    summary = run_predict(cfg)
+    summary = run_predict(cfg, info)
     print(summary.line())
     if summary.error_rate > cfg.max_error_rate:
         print(
@@ -128,9 +128,9 @@ def run_train_verb(args: argparse.Namespace) -> int:
     from raydeeplab.train import check_train_config, run_train
 
     cfg = config_from_args(TrainConfig, args)
-    check_train_config(cfg)  # before any cluster work
+    pairs = check_train_config(cfg)  # before any cluster work
     init_ray(args.address)
-    state = run_train(cfg)
+    state = run_train(cfg, pairs)
     last = state["history"][-1] if state["history"] else {}
     print(
         f"raydeeplab train: {state['epoch']} epochs, last mean IoU {last.get('mean_iou', float('nan')):.4f}, "

@@ -12,7 +12,7 @@ import numpy as np
 
 from raydeeplab import storage
 from raydeeplab.batch import ERROR, IMAGE, MASK, SegmenterPredictor
-from raydeeplab.config import ConfigError, PredictConfig, TrainConfig
+from raydeeplab.config import ConfigError, PredictConfig
 from raydeeplab.data import voc
 from raydeeplab.data.images import resize_image, resize_mask
 from raydeeplab.metrics import ConfusionMatrix
@@ -40,13 +40,6 @@ class EvaluateConfig:
             image_size=self.image_size, num_classes=self.num_classes, actors=self.actors,
             gpus_per_actor=self.gpus_per_actor,
         )  # fmt: skip
-
-
-def split_pairs(cfg: EvaluateConfig) -> list[voc.Pair]:
-    from raydeeplab.train import dataset_pairs
-
-    as_train = TrainConfig(data=cfg.data, output="", layout=cfg.layout, val_split=cfg.split, train_split=cfg.split)
-    return dataset_pairs(as_train)[1]
 
 
 def load_eval_batch(batch: dict, size: int) -> dict:
@@ -79,7 +72,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     if cfg.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
-    pairs = split_pairs(cfg)
+    pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
     voc.validate_pairs(pairs, info.num_classes)
     gpus_per_actor, actors = actor_resources(cfg.predict_config())
     matrices = (

@@ -232,7 +232,8 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
     if spec in architectures():
         size = image_size or default_image_size(spec)
         return ModelInfo(num_classes, size, tuple(class_names(num_classes)))
-    if storage.is_remote(spec) or os.path.isdir(spec):
+    folder = storage.is_remote(spec) or os.path.isdir(spec)
+    if folder:
         read = lambda name: json.loads(storage.read_bytes(storage.join(spec, name)))  # noqa: E731
     else:
         from keras_hub.src.utils.preset_utils import load_json  # downloads a hub preset's JSON
@@ -241,9 +242,8 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
     task = read("task.json")["config"]
     size = int(read("image_converter.json")["config"]["image_size"][0])
     names = class_names(task["num_classes"])
-    if storage.is_remote(spec) or os.path.isdir(spec):
-        if storage.exists(storage.join(spec, SIDECAR)):
-            names = read(SIDECAR)["class_names"]
+    if folder and storage.exists(storage.join(spec, SIDECAR)):
+        names = read(SIDECAR)["class_names"]
     return ModelInfo(task["num_classes"], size, tuple(names))
 
 

@@ -56,11 +56,9 @@ def quickstart(output: str, images: int = 48, epochs: int = 8) -> dict:
         f"quickstart: trained {state['epoch']} epochs on 2 Ray Train workers, "
         f"validation mean IoU {trained:.3f} (untrained {untrained:.3f})"
     )
-    from raydeeplab.train import dataset_pairs
-
     to_segment = storage.join(output, "images")
     if not storage.exists(to_segment):
-        make_images_to_segment(to_segment, dataset_pairs(train_cfg)[1])
+        make_images_to_segment(to_segment, voc.split_pairs(data, "voc", "val"))
     summary = run_predict(
         PredictConfig(input=to_segment, output=storage.join(output, "predictions"), model=storage.join(run, BEST), batch_size=8)
     )

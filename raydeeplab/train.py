@@ -44,28 +44,13 @@ STATE_FILE = "state.json"
 # ---------------------------------------------------------------- driver side, no Ray
 
 
-def resolve_layout(cfg: TrainConfig) -> str:
-    if cfg.layout != "auto":
-        return cfg.layout
-    if storage.exists(storage.join(cfg.data, "ImageSets", "Segmentation")):
-        return "voc"
-    if storage.exists(storage.join(cfg.data, "dataset", "cls")):
-        return "sbd"
-    return "generic"
-
-
 def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
     """(train, val) image/mask URI pairs. VOC + ``--sbd`` trains on the standard train_aug set."""
-    layout = resolve_layout(cfg)
-    if layout == "voc":
-        train = voc.train_aug_pairs(cfg.data, cfg.sbd) if cfg.sbd else voc.voc_pairs(cfg.data, cfg.train_split)
-        return train, voc.voc_pairs(cfg.data, cfg.val_split)
-    if layout == "sbd":
-        return voc.sbd_pairs(cfg.data, cfg.train_split), voc.sbd_pairs(cfg.data, cfg.val_split)
-    return (
-        voc.generic_pairs(storage.join(cfg.data, cfg.train_split)),
-        voc.generic_pairs(storage.join(cfg.data, cfg.val_split)),
-    )
+    if cfg.sbd and voc.resolve_layout(cfg.data, cfg.layout) == "voc":
+        train = voc.train_aug_pairs(cfg.data, cfg.sbd)
+    else:
+        train = voc.split_pairs(cfg.data, cfg.layout, cfg.train_split)
+    return train, voc.split_pairs(cfg.data, cfg.layout, cfg.val_split)
 
 
 def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
@@ -316,9 +301,13 @@ def ray_storage(output: str):
     return f"{path}/_ray", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def run_train(cfg: TrainConfig) -> dict:
-    """Check, train, write metrics.json and the gallery. Ray must be initialised."""
-    train_pairs, val_pairs = check_train_config(cfg)
+def run_train(cfg: TrainConfig, pairs: tuple[list[voc.Pair], list[voc.Pair]] | None = None) -> dict:
+    """Train, write metrics.json and the gallery. Ray must be initialised.
+
+    ``pairs`` is what :func:`check_train_config` returned when the caller already checked
+    (the CLI does, before starting Ray): checking reads every example, so not twice.
+    """
+    train_pairs, val_pairs = pairs or check_train_config(cfg)
     result = build_trainer(cfg, train_pairs, val_pairs).fit()
     if result.error:
         raise result.error

@@ -106,6 +106,27 @@ def train_aug_pairs(voc_root: str, sbd_root: str) -> list[Pair]:
     return [chosen[i] for i in sorted(chosen)]
 
 
+def resolve_layout(root: str, layout: str = "auto") -> str:
+    """``auto`` -> ``voc`` (has ImageSets/Segmentation), ``sbd`` (has dataset/cls) or ``generic``."""
+    if layout != "auto":
+        return layout
+    if storage.exists(storage.join(root, "ImageSets", "Segmentation")):
+        return "voc"
+    if storage.exists(storage.join(root, "dataset", "cls")):
+        return "sbd"
+    return "generic"
+
+
+def split_pairs(root: str, layout: str, split: str) -> list[Pair]:
+    """One split of a dataset in any layout; generic datasets keep a folder per split."""
+    layout = resolve_layout(root, layout)
+    if layout == "voc":
+        return voc_pairs(root, split)
+    if layout == "sbd":
+        return sbd_pairs(root, split)
+    return generic_pairs(storage.join(root, split))
+
+
 def generic_pairs(root: str) -> list[Pair]:
     """``root/images/**`` + ``root/masks/<same relative path>.png``, or a manifest file.
 
