@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(verbs.add_parser("train", help="fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
     add_config_flags(verbs.add_parser("evaluate", help="mean IoU / pixel accuracy over a split"), EvaluateConfig)
 
-    from raydeeplab.serve import add_serve_flags
+    from raydeeplab.serve_args import add_serve_flags
 
     add_serve_flags(verbs.add_parser("serve", help="online segmentation over HTTP (Ray Serve)"))
 

@@ -25,16 +25,8 @@ from raydeeplab.data.images import (
     resize_image,
     resize_mask,
 )
-from raydeeplab.serve import (
-    Knobs,
-    ServeArgs,
-    add_serve_flags,
-    app_builder,
-    device_batch_sizes,
-    read_auth_token,
-    run_serve_verb,
-    serve_args_from_flags,
-)
+from raydeeplab.serve import app_builder, device_batch_sizes, read_auth_token, run_serve_verb
+from raydeeplab.serve_args import Knobs, ServeArgs, add_serve_flags, serve_args_from_flags
 from tests.corpus import BOMB_LIMIT, corpus
 from tests.s3_server import free_port
 
@@ -367,3 +359,13 @@ def test_checked_in_serve_config_is_what_serve_build_writes_and_valid(tmp_path):
         check=True, capture_output=True, env={**os.environ, "KERAS_BACKEND": "jax"},
     )  # fmt: skip
     assert yaml.safe_load(fresh.read_text()) == config, "configs/serve_config.yaml is stale: rebuild it"
+
+
+def test_cli_help_imports_neither_serve_nor_frameworks():
+    """`raydeeplab --help` stays fast: the parser needs only the argument models."""
+    code = (
+        "import sys; from raydeeplab.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('ray.serve', 'fastapi', 'keras', 'tensorflow') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
