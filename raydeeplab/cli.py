@@ -11,12 +11,12 @@ import sys
 os.environ.setdefault("KERAS_BACKEND", "jax")  # training needs JAX; one backend everywhere by default
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from raydeeplab.cluster import init_ray  # noqa: E402
 from raydeeplab.config import PredictConfig, TrainConfig, load_config  # noqa: E402
 from raydeeplab.evaluate import EvaluateConfig  # noqa: E402
 from raydeeplab.errors import UserError  # noqa: E402
 
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-WORKER_ENV = ("KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL", "RAY_TRAIN_V2_ENABLED")
 
 
 HELP = {
@@ -81,28 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--images", type=int, default=48, help="labelled examples to generate")
     quick.add_argument("--epochs", type=int, default=8)
     return parser
-
-
-def job_env_vars() -> dict:
-    """Variables a submitted job's runtime_env already sets (Ray refuses to set them twice)."""
-    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}"))
-    return job.get("runtime_env", {}).get("env_vars", {})
-
-
-def init_ray(address: str | None, min_cpus: int | None = None) -> None:
-    """Connect to (or start) Ray, passing the environment workers need to behave like the driver.
-
-    ``min_cpus`` raises the logical CPU count of a cluster started here, so a demo that needs
-    several concurrent workers still schedules on a small machine.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ and k not in job_env_vars()}
-    starts_local = (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
-    cpus = max(min_cpus, os.cpu_count() or 1) if (min_cpus and starts_local) else None
-    ray.init(address=address, num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=True)
 
 
 def run_predict_verb(args: argparse.Namespace) -> int:

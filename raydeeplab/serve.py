@@ -413,7 +413,7 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
     import ray
 
-    from raydeeplab.cli import init_ray
+    from raydeeplab.cluster import init_ray
     from raydeeplab.model import check_model_spec
 
     ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
