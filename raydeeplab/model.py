@@ -122,11 +122,13 @@ def image_converter(cls, image_size: int):
 def deeplab_v3_plus(
     encoder: keras.Model, num_classes: int, image_size: int
 ) -> keras_hub.models.DeepLabV3ImageSegmenter:
-    """DeepLabV3+: ASPP (rates 6/12/18) on the stride-16 features, P2 decoder (paper, Fig. 2)."""
+    """DeepLabV3+ exactly as keras-hub's ``deeplab_v3_plus_resnet50_pascalvoc`` and the Keras guide
+    build it: ASPP (rates 6/12/18) on the encoder's last stage (P5, all of ResNet's conv5 is
+    used), upsampled 8x to meet the stride-4 P2 features of the decoder (paper, Fig. 2)."""
     backbone = keras_hub.models.DeepLabV3Backbone(
         image_encoder=encoder,
-        spatial_pyramid_pooling_key="P4",  # output stride 16
-        upsampling_size=4,  # P4 (1/16) -> P2 (1/4), where the low-level features join
+        spatial_pyramid_pooling_key="P5",
+        upsampling_size=8,  # P5 (1/32) -> P2 (1/4), where the low-level features join
         dilation_rates=[6, 12, 18],
         low_level_feature_key="P2",
         projection_filters=48,
