@@ -52,3 +52,19 @@ def test_resize_mask_never_invents_classes():
     mask[:, 5:] = 7
     resized = images.resize_mask(mask, 37, 23)
     assert resized.shape == (37, 23) and set(np.unique(resized)) == {0, 7}
+
+
+@pytest.mark.parametrize("height, width, size", [(100, 150, 64), (375, 500, 512), (900, 600, 128), (7, 5, 64)])
+def test_resize_matches_keras_resizing_that_keras_hub_preprocessors_use(height, width, size):
+    """Enlarging and shrinking (where Pillow's antialiasing would differ by up to ~130 levels)."""
+    import keras
+
+    rng = np.random.default_rng(height)
+    image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    mask = rng.integers(0, 21, (height, width), dtype=np.uint8)
+    bilinear = keras.layers.Resizing(size, size, crop_to_aspect_ratio=False)
+    nearest = keras.layers.Resizing(size, size, interpolation="nearest", crop_to_aspect_ratio=False)
+    reference = np.asarray(bilinear(image[None].astype("float32")))[0]
+    assert np.abs(images.resize_image(image, size) - reference).max() <= 0.501  # uint8 rounding only
+    reference_mask = np.asarray(nearest(mask[None, :, :, None].astype("float32")))[0, :, :, 0]
+    np.testing.assert_array_equal(images.resize_mask(mask, size, size), reference_mask)

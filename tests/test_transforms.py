@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from raydeeplab.data import transforms
-from raydeeplab.data.images import resize_image
+from raydeeplab.data.images import IGNORE_LABEL, MEAN_PIXEL, resize_image, resize_mask
+from raydeeplab.model import IMAGENET_MEAN
 
 RED = (255, 0, 0)
 
@@ -43,32 +44,52 @@ def test_train_transform_keeps_image_and_mask_aligned(seed):
     if marker.sum() > 20:  # the crop may miss the block; where it does not, red sits on class 1
         overlap = (red(out_image) & marker).sum() / (red(out_image) | marker).sum()
         assert overlap > 0.85  # bilinear vs nearest differ only on the block's edge
-    padded = out_mask == 255  # padding: ignore in the mask, black in the image
-    assert (out_image[padded] == 0).all()
+    padded = out_mask == 255  # padding: ignore in the mask, the mean pixel in the image
+    assert (out_image[padded] == MEAN_PIXEL).all()
 
 
-def test_random_scale_resizes_both_by_one_factor():
+def test_random_scale_stretches_both_to_one_square():
     image, mask = marked_pair(60, 80)
     rng = np.random.default_rng(3)
     for _ in range(10):
-        out_image, out_mask = transforms.random_scale(image, mask, rng, 0.5, 2.0)
-        h, w = out_mask.shape
-        assert out_image.shape == (h, w, 3)
-        assert 30 <= h <= 120 and 40 <= w <= 160
-        assert abs(h / 60 - w / 80) < 0.03
-        assert set(np.unique(out_mask)) <= {0, 1, 2}  # nearest: no invented classes
+        out_image, out_mask = transforms.random_scale(image, mask, rng, 64, 0.5, 2.0)
+        side = out_mask.shape[0]
+        assert out_mask.shape == (side, side) and out_image.shape == (side, side, 3)
+        assert 32 <= side <= 128
+        np.testing.assert_array_equal(out_image, resize_image(image, side))
+        np.testing.assert_array_equal(out_mask, resize_mask(mask, side, side))
     with pytest.raises(ValueError, match="min_scale"):
-        transforms.random_scale(image, mask, rng, 2.0, 1.0)
+        transforms.random_scale(image, mask, rng, 64, 2.0, 1.0)
 
 
-def test_pad_and_crop_pads_small_and_crops_large():
+def test_training_at_scale_one_sees_exactly_what_inference_sees():
+    """Same aspect distortion in training and inference: VOC's 500x375 is stretched in both."""
+    image, mask = marked_pair(75, 100)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(10):
+        out_image, out_mask = transforms.train_transform(image, mask, 64, rng, 1.0, 1.0)
+        flipped = not np.array_equal(out_image, resize_image(image, 64))
+        source = transforms.random_flip(image, mask, rng, p=float(flipped))
+        expected_image, expected_mask = transforms.resize_for_eval(*source, 64)
+        np.testing.assert_array_equal(out_image, expected_image)
+        np.testing.assert_array_equal(out_mask, expected_mask)
+        seen.add(flipped)
+    assert seen == {True, False}
+
+
+def test_padding_is_the_mean_pixel_in_the_image_and_ignore_in_the_mask():
+    assert MEAN_PIXEL == tuple(round(255 * m) for m in IMAGENET_MEAN)  # normalises to ~0
     image, mask = marked_pair(20, 30)
     out_image, out_mask = transforms.pad_and_crop(image, mask, 32, np.random.default_rng(0))
-    assert out_mask.shape == (32, 32)
-    np.testing.assert_array_equal(out_mask[20:], 255)
-    np.testing.assert_array_equal(out_image[20:], 0)
-    np.testing.assert_array_equal(out_mask[:20, :30], mask)
+    expected_image = np.stack(
+        [np.pad(image[..., c], ((0, 12), (0, 2)), constant_values=v) for c, v in enumerate(MEAN_PIXEL)], -1
+    )
+    np.testing.assert_array_equal(out_image, expected_image)
+    np.testing.assert_array_equal(out_mask, np.pad(mask, ((0, 12), (0, 2)), constant_values=IGNORE_LABEL))
 
+
+def test_pad_and_crop_crops_large_inputs_at_a_random_window():
     rows, cols = np.mgrid[0:50, 0:70]
     coords = np.stack([rows, cols, np.zeros_like(rows)], -1).astype(np.uint8)
     labels = (rows % 3).astype(np.uint8)

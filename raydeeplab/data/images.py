@@ -20,6 +20,7 @@ Image.MAX_IMAGE_PIXELS = None
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: far above any photo, far below a decompression bomb
 IGNORE_LABEL = 255  # VOC object borders and padding: excluded from loss and metrics
+MEAN_PIXEL = (124, 116, 104)  # ImageNet mean x 255: padding that normalises to ~0, not to -2
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -87,17 +88,40 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8`` (bilinear, stretched as in training)."""
+    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8``, stretched: the one geometry of every mode.
+
+    Bilinear with half-pixel centres and no antialiasing, as keras' ``Resizing`` (hence
+    keras-hub's image converter) computes it, rounded to uint8: a preset sees the same
+    pixels through our pipeline as through its own preprocessor. Pillow's bilinear would
+    differ when shrinking (it antialiases).
+    """
     if image.shape[:2] == (size, size):
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    (top, bottom, dy), (left, right, dx) = (bilinear_taps(n, size) for n in image.shape[:2])
+    rows = image[top].astype(np.float32)
+    rows += (image[bottom] - rows) * dy[:, None, None]
+    out = rows[:, left]
+    out += (rows[:, right] - out) * dx[None, :, None]
+    return np.rint(out, out=out).astype(np.uint8)
+
+
+def bilinear_taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``size`` outputs along an axis of ``n``: the two source indices and the weight."""
+    x = np.clip((np.arange(size) + 0.5) * (n / size) - 0.5, 0, n - 1)
+    low = x.astype(np.intp)
+    return low, np.minimum(low + 1, n - 1), (x - low).astype(np.float32)
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Class map resize with nearest neighbour, so no class value is ever invented."""
+    """Class map resize with nearest neighbour (half-pixel centres, as keras' ``Resizing``),
+    so no class value is ever invented."""
     if mask.shape == (height, width):
         return mask
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+    rows, cols = (
+        np.minimum(((np.arange(out) + 0.5) * (n / out)).astype(np.intp), n - 1)
+        for n, out in zip(mask.shape, (height, width))
+    )
+    return mask[rows[:, None], cols]
 
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
