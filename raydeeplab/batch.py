@@ -2,7 +2,8 @@
 
     list inputs -> load_images (CPU) -> SegmenterPredictor (GPU actors) -> write_outputs (CPU)
 
-Outputs under ``OUT``: ``masks/<relative input path>.png`` (palette PNG, pixel = class),
+Outputs under ``OUT``: ``masks/<relative input path>.png`` (palette PNG, pixel = class;
+a path that would leave ``OUT`` - ``..``, absolute or drive segments - fails its row instead),
 ``predictions/part-*.parquet`` (one row per input, errors included) and ``_run.json``.
 A Parquet row is the commit record of an input: it is written after its PNG, atomically,
 so a rerun skips exactly the inputs whose outputs are complete.
@@ -80,9 +81,14 @@ def read_manifest(uri: str) -> list[str]:
 
 
 def list_inputs(input_uri: str) -> list[tuple[str, str]]:
-    """``(uri, relative path)`` for every input image; only names are held, never bytes."""
+    """``(uri, relative path)`` for every input image; only names are held, never bytes.
+
+    A manifest entry's relative path is its canonical location without the scheme: local
+    entries are made absolute (so ``..`` is resolved the way the OS opens them, and workers
+    in other folders read the same file); S3 keys stay literal and are checked on writing.
+    """
     if is_manifest(input_uri):
-        uris = read_manifest(input_uri)
+        uris = [u if storage.is_remote(u) else storage.normalize(u) for u in read_manifest(input_uri)]
         return [(u, u.split("://", 1)[-1].lstrip("/")) for u in uris]
     root = storage.normalize(input_uri)
     return [(u, storage.relative_to(u, root)) for u in storage.list_files(root, IMAGE_EXTENSIONS)]
@@ -190,9 +196,13 @@ def write_outputs(
         error = str(batch[ERROR][i])
         counts, mask_uri = None, None
         if not error:
+            try:  # a name with '..', a root or a drive would put its mask outside --output
+                mask_uri = storage.child(storage.join(output, MASKS_DIR), f"{batch[RELPATH][i]}.png")
+            except storage.UnsafePathError as err:
+                error = f"unsafe path: {err}"
+        if not error:
             height, width = int(batch[HEIGHT][i]), int(batch[WIDTH][i])
             mask = resize_mask(batch[MASK][i], height, width)
-            mask_uri = storage.join(output, MASKS_DIR, f"{batch[RELPATH][i]}.png")
             try:
                 png = encode_mask_png(mask)
                 storage.write_bytes(mask_uri, png)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from typing import Iterator
 
 import fsspec
 
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+DRIVE = re.compile(r"^[A-Za-z]:")  # C: - on Windows, joining it drops everything before it
 
 
 def is_remote(uri: str) -> bool:
@@ -60,6 +62,27 @@ def relative_to(uri: str, root: str) -> str:
     if not is_inside(uri, root):
         raise ValueError(f"{uri} is not inside {root}")
     return uri[len(root) :].lstrip("/").replace(os.sep, "/")
+
+
+class UnsafePathError(ValueError):
+    """A relative name that would resolve outside the folder it is joined to."""
+
+
+def child(root: str, relpath: str) -> str:
+    """``root/relpath``, proven to stay inside ``root`` on local disks and object stores alike.
+
+    Names come from outside (manifests, S3 keys, which are literal and may hold ``..``), so
+    they are refused, never repaired: a repaired name could land on another input's output.
+    Both separators count, as a key written here may later be copied to a Windows disk.
+    """
+    segments = relpath.replace("\\", "/").split("/")
+    if relpath.startswith(("/", "\\")):
+        raise UnsafePathError(f"{relpath!r} is absolute")
+    if ".." in segments:
+        raise UnsafePathError(f"{relpath!r} has a '..' segment")
+    if any(DRIVE.match(segment) for segment in segments):
+        raise UnsafePathError(f"{relpath!r} has a drive segment")
+    return join(root, relpath)
 
 
 def is_inside(uri: str, root: str) -> bool:

@@ -121,6 +121,95 @@ def test_cli_fails_the_job_when_error_rate_exceeds_the_limit(ray_local, tmp_path
     assert "1/3 inputs failed" in capsys.readouterr().err
 
 
+# ---------------------------------------------------------------- names that would leave --output
+
+
+def files_under(root) -> set[str]:
+    return {str(p) for p in root.rglob("*") if p.is_file()}
+
+
+def assert_inside(uris, output: str) -> None:
+    escaped = [u for u in uris if not storage.is_inside(u, output) or ".." in u.replace("\\", "/").split("/")]
+    assert escaped == [], f"written outside {output}: {escaped}"
+
+
+ESCAPING_KEYS = ["in/../../escaped.jpg", "in/a/../../../up.jpg", "in/C:/drive.jpg", "in/x\\..\\..\\back.jpg"]
+
+
+def test_s3_keys_with_dot_dot_or_drives_fail_their_row_and_nothing_lands_outside_output(
+    ray_local, bucket, tmp_path, tiny_model
+):
+    """S3 keys are literal: `in/../../escaped.jpg` lists under `in/` and passes a prefix check."""
+    write_photos(f"{bucket}/in", 2)
+    for key in ESCAPING_KEYS:
+        storage.write_bytes(f"{bucket}/{key}", encode_jpeg(photo()))
+    inputs = set(storage.list_files(bucket))
+    assert len(inputs) == 6  # the escaping keys are really there, and listed under in/
+
+    local_out = str(tmp_path / "base" / "out")  # a local or PVC output: '..' would really climb
+    s3_out = f"{bucket}/out"
+    for output in (local_out, s3_out):
+        summary = run_predict(config(f"{bucket}/in", output, tiny_model))
+        assert (summary.ok, summary.failed) == (2, 4)
+        assert summary.errors_by_reason == {"unsafe path": 4}
+        rows = {r[PATH]: r for r in read_rows(output)}
+        for key in ESCAPING_KEYS:
+            row = rows[f"{bucket}/{key}"]
+            assert row[ERROR].startswith("unsafe path:") and row[MASK_PATH] is None, row
+
+    assert_inside(files_under(tmp_path), local_out)
+    assert_inside(set(storage.list_files(bucket)) - inputs, s3_out)
+
+
+def test_manifest_and_local_names_never_write_outside_output(ray_local, bucket, tmp_path, tiny_model, monkeypatch):
+    """The reproduced escape: entry `../../escaped.jpg` with `--output base/out` wrote `base/escaped.jpg.png`."""
+    work = tmp_path / "base" / "work"
+    work.mkdir(parents=True)
+    storage.write_bytes(str(tmp_path / "base" / "escaped.jpg"), encode_jpeg(photo()))
+    storage.write_bytes(f"{bucket}/p/../../s3escaped.jpg", encode_jpeg(photo()))
+    manifest = work / "manifest.txt"
+    manifest.write_text(f"../escaped.jpg\n{bucket}/p/../../s3escaped.jpg\n")
+    folder = tmp_path / "folder"
+    for name in ("a\\..\\..\\..\\evil.jpg", "two..dots.jpg"):  # legal POSIX file names
+        storage.write_bytes(str(folder / name), encode_jpeg(photo()))
+    output = str(tmp_path / "base" / "out")
+    before = files_under(tmp_path)
+
+    monkeypatch.chdir(work)  # manifest entries are relative to the driver's folder
+    summary = run_predict(config(str(manifest), output, tiny_model))
+    assert (summary.ok, summary.failed, summary.errors_by_reason) == (1, 1, {"unsafe path": 1})
+    rows = {r[PATH]: r for r in read_rows(output)}
+    local = str(tmp_path / "base" / "escaped.jpg")  # '..' resolved, as the OS opens it
+    assert rows[local][MASK_PATH] == storage.join(output, "masks", local.lstrip("/") + ".png")
+    assert rows[f"{bucket}/p/../../s3escaped.jpg"][ERROR].startswith("unsafe path:")
+
+    summary = run_predict(config(str(folder), output, tiny_model))
+    assert (summary.ok, summary.failed) == (1, 1)
+    rows = {r[PATH].rsplit("/", 1)[-1]: r for r in read_rows(output)}
+    assert rows["a\\..\\..\\..\\evil.jpg"][ERROR].startswith("unsafe path:")
+    assert rows["two..dots.jpg"][ERROR] is None  # dots inside a name are not a '..' segment
+
+    assert_inside(files_under(tmp_path) - before, output)
+
+
+@pytest.mark.parametrize(
+    "relpath, reason",
+    [
+        ("../x.png", "'..' segment"),
+        ("a/../../x.png", "'..' segment"),
+        ("a\\..\\..\\x.png", "'..' segment"),
+        ("/etc/x.png", "absolute"),
+        ("\\\\server\\share\\x.png", "absolute"),
+        ("C:/x.png", "drive"),
+        ("a/d:x.png", "drive"),
+    ],
+)
+def test_child_refuses_names_that_leave_the_root(relpath, reason):
+    with pytest.raises(storage.UnsafePathError, match=reason):
+        storage.child("s3://b/out", relpath)
+    assert storage.child("s3://b/out", "a/two..dots/x.png") == "s3://b/out/a/two..dots/x.png"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
