@@ -250,15 +250,42 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
 
 
 def local_preset(spec: str, cache_dir: str | None = None) -> str:
-    """A local directory or name that ``from_preset`` understands; remote presets are cached."""
+    """A local directory or name that ``from_preset`` understands; remote presets are cached.
+
+    The cache key is the URI and the ETags (else sizes and times) of its objects, so a preset
+    overwritten in place (training refreshes ``best/``) is fetched again by a long-lived
+    replica, at the cost of one LIST per load. A copy whose listing changed while it
+    was downloading (a training run publishing) is thrown away and fetched again.
+    """
     if not storage.is_remote(spec):
         return spec
-    key = hashlib.sha1(storage.normalize(spec).encode()).hexdigest()[:16]
-    local = os.path.join(cache_dir or DEFAULT_CACHE, "presets", key)
-    if not os.path.exists(local):
+    import shutil
+
+    fs, path = storage.filesystem(spec)
+
+    def version() -> str:
+        fs.invalidate_cache(path)  # s3fs keeps listings: a stale one would hide the overwrite
+        files = fs.find(path, detail=True)
+        if not files:
+            raise ModelError(f"--model {spec}: no such preset (nothing under it)")
+        stamps = {
+            name: info.get("ETag") or f"{info.get('size')}@{info.get('LastModified', info.get('mtime'))}"
+            for name, info in files.items()
+        }
+        return json.dumps(stamps, sort_keys=True)
+
+    for _ in range(3):
+        seen = version()
+        key = hashlib.sha1(f"{storage.normalize(spec)}\n{seen}".encode()).hexdigest()[:16]
+        local = os.path.join(cache_dir or DEFAULT_CACHE, "presets", key)
+        if os.path.exists(local):
+            return local
         os.makedirs(os.path.dirname(local), exist_ok=True)
         storage.download_dir(spec, local)
-    return local
+        if version() == seen:
+            return local
+        shutil.rmtree(local, ignore_errors=True)
+    raise ModelError(f"--model {spec} changed during each of 3 downloads; retry once it is written")
 
 
 def load_model(

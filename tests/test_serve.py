@@ -369,3 +369,21 @@ def test_cli_help_imports_neither_serve_nor_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip() == "[]"
+
+
+def test_s3_preset_overwritten_in_place_is_loaded_fresh(bucket, tmp_path):
+    """A long-lived replica reloading `best/` after training overwrote it gets the new model."""
+    from raydeeplab import storage
+    from raydeeplab.model import create_model, load_model, local_preset
+
+    for classes in (3, 4):
+        create_model("tiny", num_classes=classes, image_size=64, output=str(tmp_path / f"classes{classes}"))
+    best, cache = f"{bucket}/runs/voc/best", str(tmp_path / "cache")
+    storage.upload_dir(str(tmp_path / "classes3"), best)
+    first = local_preset(best, cache)
+    assert local_preset(best, cache) == first  # unchanged: the cached copy, no download
+    assert load_model(best, cache_dir=cache).num_classes == 3
+
+    storage.upload_dir(str(tmp_path / "classes4"), best)  # training publishes in place
+    assert local_preset(best, cache) != first
+    assert load_model(best, cache_dir=cache).num_classes == 4
