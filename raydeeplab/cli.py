@@ -1,23 +1,19 @@
-"""``raydeeplab`` console script: one verb per job. Flags are checked before Ray starts."""
+"""``raydeeplab`` console script: one verb per job. Flags are checked and local paths made
+absolute before Ray starts; the terminal gets one line per phase and a summary (``-v``: all logs).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import os
 import sys
+import time
 
-os.environ.setdefault("KERAS_BACKEND", "jax")  # training needs JAX; one backend everywhere by default
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from raydeeplab.cluster import init_ray  # noqa: E402
-from raydeeplab.config import PredictConfig, TrainConfig, load_config  # noqa: E402
-from raydeeplab.evaluate import EvaluateConfig  # noqa: E402
-from raydeeplab.errors import UserError  # noqa: E402
-
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-
+from raydeeplab.cluster import absolute, absolute_paths, init_ray, log_folder, set_up_environment, verbose
+from raydeeplab.config import PredictConfig, TrainConfig, load_config
+from raydeeplab.errors import UserError
+from raydeeplab.evaluate import EvaluateConfig
 
 HELP = {
     "config": "YAML file of the same keys (snake_case); flags override it",
@@ -35,6 +31,7 @@ HELP = {
     "sbd": "SBD root: with a VOC --data, train on the standard train_aug union",
     "workers": "Ray Train workers: one per node, each owning all of its GPUs",
     "gallery": "write a gallery PNG of this many validation images",
+    "verbose": "show every library and worker log line here (also RAYDEEPLAB_VERBOSE=1)",
 }
 
 
@@ -59,28 +56,52 @@ def config_from_args(cls, args: argparse.Namespace):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydeeplab", description=__doc__)
     parser.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
+    parser.add_argument("-v", "--verbose", action="store_true", help=HELP["verbose"])
+    # `-v` after the verb too; SUPPRESS keeps a verb's parser from resetting the top-level value
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=HELP["verbose"])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
-    add_config_flags(verbs.add_parser("predict", help="segment a folder, bucket or manifest"), PredictConfig)
-    add_config_flags(verbs.add_parser("train", help="fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
-    add_config_flags(verbs.add_parser("evaluate", help="mean IoU / pixel accuracy over a split"), EvaluateConfig)
+    def verb(name: str, text: str) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, help=text, parents=[common])
+
+    add_config_flags(verb("predict", "segment a folder, bucket or manifest"), PredictConfig)
+    add_config_flags(verb("train", "fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
+    add_config_flags(verb("evaluate", "mean IoU / pixel accuracy over a split"), EvaluateConfig)
 
     from raydeeplab.serve_args import add_serve_flags
 
-    add_serve_flags(verbs.add_parser("serve", help="online segmentation over HTTP (Ray Serve)"))
+    add_serve_flags(verb("serve", "online segmentation over HTTP (Ray Serve)"))
 
-    model = verbs.add_parser("model", help="model presets").add_subparsers(dest="action", required=True)
-    create = model.add_parser("create", help="write a random-init preset (offline)")
+    model = verb("model", "model presets").add_subparsers(dest="action", required=True)
+    create = model.add_parser("create", help="write a random-init preset (offline)", parents=[common])
     create.add_argument("--arch", required=True)
     create.add_argument("--num-classes", type=int, default=21)
     create.add_argument("--image-size", type=int)
     create.add_argument("--output", required=True)
 
-    quick = verbs.add_parser("quickstart", help="offline demo on local Ray: data, model, masks, gallery")
-    quick.add_argument("--output", default="quickstart_out")
+    quick = verb("quickstart", "offline demo on local Ray: data, model, masks, gallery")
+    quick.add_argument("--output", default="quickstart_out", help="folder for everything it writes")
     quick.add_argument("--images", type=int, default=48, help="labelled examples to generate")
     quick.add_argument("--epochs", type=int, default=8)
     return parser
+
+
+def say(verb: str, text: str) -> None:
+    """One line per phase, flushed so it shows before the phase's work starts."""
+    print(f"raydeeplab {verb}: {text}", flush=True)
+
+
+def start_ray(verb: str, address: str | None, min_cpus: int | None = None) -> None:
+    import ray
+
+    init_ray(address, min_cpus)
+    resources = ray.cluster_resources()
+    say(
+        verb,
+        f"Ray cluster with {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; "
+        f"its logs: {log_folder()}",
+    )
 
 
 def run_predict_verb(args: argparse.Namespace) -> int:
@@ -88,7 +109,8 @@ def run_predict_verb(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(PredictConfig, args)
     info = check_predict_config(cfg)  # before any cluster work
-    init_ray(args.address)
+    say("predict", f"{cfg.input} -> {cfg.output} with {cfg.model} ({info.num_classes} classes, {info.image_size} px)")
+    start_ray("predict", args.address)
     summary = run_predict(cfg, info)
     print(summary.line())
     if summary.error_rate > cfg.max_error_rate:
@@ -107,7 +129,9 @@ def run_train_verb(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(TrainConfig, args)
     pairs = check_train_config(cfg)  # before any cluster work
-    init_ray(args.address)
+    say("train", f"{len(pairs[0])} training and {len(pairs[1])} validation examples checked in {cfg.data}")
+    start_ray("train", args.address)
+    say("train", f"training {cfg.model} on {cfg.workers} worker(s) for {cfg.epochs} epochs into {cfg.output}")
     state = run_train(cfg, pairs)
     last = state["history"][-1] if state["history"] else {}
     print(
@@ -121,7 +145,7 @@ def run_evaluate_verb(args: argparse.Namespace) -> int:
     from raydeeplab.evaluate import run_evaluate
 
     cfg = config_from_args(EvaluateConfig, args)
-    init_ray(args.address)
+    start_ray("evaluate", args.address)
     scores = run_evaluate(cfg)
     print(json.dumps({k: scores[k] for k in ("mean_iou", "pixel_accuracy", "images", "split")}))
     return 0
@@ -130,24 +154,27 @@ def run_evaluate_verb(args: argparse.Namespace) -> int:
 def run_serve_verb(args: argparse.Namespace) -> int:
     from raydeeplab.serve import run_serve_verb as serve
 
-    return serve(args)
+    return serve(argparse.Namespace(**absolute_paths(vars(args))))
 
 
 def run_model_verb(args: argparse.Namespace) -> int:
     from raydeeplab.model import create_model, default_image_size
 
-    create_model(args.arch, args.num_classes, args.image_size or default_image_size(args.arch), args.output)
-    print(f"wrote {args.arch} preset ({args.num_classes} classes) to {args.output}")
+    output = absolute(args.output)
+    create_model(args.arch, args.num_classes, args.image_size or default_image_size(args.arch), output)
+    print(f"wrote {args.arch} preset ({args.num_classes} classes) to {output}")
     return 0
 
 
 def run_quickstart_verb(args: argparse.Namespace) -> int:
     from raydeeplab.quickstart import quickstart
 
-    init_ray(args.address, min_cpus=4)  # 2 training workers + data tasks, even on 2 cores
-    result = quickstart(args.output, args.images, args.epochs)
-    print(f"masks: {result['predictions']}/masks")
-    print(f"gallery: {result['gallery']}")
+    started = time.perf_counter()
+    start_ray("quickstart", args.address, min_cpus=4)  # 2 training workers + data tasks, even on 2 cores
+    result = quickstart(absolute(args.output), args.images, args.epochs)
+    say("quickstart", f"masks in {result['predictions']}/masks, their table in {result['predictions']}/predictions")
+    say("quickstart", f"gallery (image | truth | prediction): {result['gallery']}")
+    say("quickstart", f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
 
@@ -161,13 +188,45 @@ VERBS = {
 }
 
 
+def root_cause(err: BaseException) -> BaseException:
+    """The exception that started a failure, unwrapped from Ray's task and worker-group errors."""
+    while True:
+        inner = (
+            getattr(err, "cause", None)  # RayTaskError: the task's own exception
+            or next(iter(getattr(err, "worker_failures", {}).values()), None)  # Ray Train workers
+            or getattr(err, "controller_failure", None)
+            or err.__cause__
+        )
+        if not isinstance(inner, BaseException) or inner is err:
+            return err
+        err = inner
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    set_up_environment(args.verbose)
     try:
         return VERBS[args.verb](args)
     except UserError as err:
         print(f"raydeeplab {args.verb}: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # one line, not each worker's traceback; -v shows them all
+        cause = root_cause(err)
+        if isinstance(cause, UserError):
+            print(f"raydeeplab {args.verb}: error: {cause}", file=sys.stderr)
+            return 2
+        if verbose():
+            raise
+        import ray
+
+        logs = f"Ray's logs in {log_folder()}" if ray.is_initialized() else "no Ray logs yet"
+        first_line = (str(cause).strip().splitlines() or [""])[0]
+        print(
+            f"raydeeplab {args.verb}: failed: {type(cause).__name__}: {first_line} "
+            f"({logs}; rerun with -v for every traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

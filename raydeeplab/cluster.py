@@ -8,6 +8,7 @@ shipped to Ray. ``s3://`` URIs and model names are left as they are.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -26,24 +27,37 @@ def verbose() -> bool:
 
 
 def set_up_environment(verbose_flag: bool) -> None:
-    """Process-wide defaults, set before Keras/TensorFlow/Ray are imported (they read them once).
+    """Process-wide defaults, set before Keras, TensorFlow and Ray are imported (read once).
 
-    Quiet unless verbose: TensorFlow's C++ and gRPC log lines (absl, cudart) say nothing a user
-    can act on; ``-v`` or ``RAYDEEPLAB_VERBOSE=1`` keeps them.
+    Unless verbose, TensorFlow's and gRPC's native log lines (absl, oneDNN, cudart) stay off the
+    terminal: they say nothing a user can act on. ``-v`` or ``RAYDEEPLAB_VERBOSE=1`` keeps them.
     """
     if verbose_flag:
         os.environ[VERBOSE_ENV] = "1"
     os.environ.setdefault("KERAS_BACKEND", "jax")  # training needs JAX; one backend everywhere
-    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if verbose() else "3")
-    os.environ.setdefault("GRPC_VERBOSITY", "INFO" if verbose() else "ERROR")
     if not verbose():
-        logging.getLogger("jax._src.xla_bridge").setLevel(logging.ERROR)  # "no CUDA jaxlib" on CPU
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        import_with_stderr_closed("keras_hub")
+
+
+def import_with_stderr_closed(module: str) -> None:
+    """Import ``module`` with file descriptor 2 on /dev/null: TensorFlow (under keras-hub) writes
+    absl lines there before any log level applies. Python errors still surface, after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            importlib.import_module(module)
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def absolute(path: str | None) -> str | None:
     """A local path made absolute against the current directory; URIs (``s3://``) unchanged."""
-    if path is None or "://" in path:
+    if not isinstance(path, str) or "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
 
@@ -53,7 +67,7 @@ def absolute_model(spec: str | None) -> str | None:
     architecture name (the name wins, as when the model is loaded); names pass unchanged."""
     from raydeeplab.model import architectures
 
-    if spec is None or "://" in spec or spec in architectures() or not os.path.isdir(spec):
+    if not isinstance(spec, str) or "://" in spec or spec in architectures() or not os.path.isdir(spec):
         return spec
     return absolute(spec)
 
@@ -90,11 +104,13 @@ def init_ray(address: str | None, min_cpus: int | None = None) -> None:
     loud = verbose()
     ray.init(
         address=address, num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=loud,
-        logging_level=logging.INFO if loud else logging.WARNING,
+        logging_level=logging.INFO if loud else logging.ERROR,
     )  # fmt: skip
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = loud or sys.stdout.isatty()
-    context.print_on_execution_start = loud
+    ray.data.DataContext.get_current().enable_progress_bars = loud or sys.stdout.isatty()
+    if not loud:  # Ray Data's console handler only: ray-data.log keeps every record
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):
+                handler.setLevel(logging.ERROR)
 
 
 def log_folder() -> str:

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from raydeeplab.cluster import absolute_paths
 from raydeeplab.errors import UserError
 
 T = TypeVar("T")
@@ -75,7 +76,11 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
 
 
 def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
-    """YAML file (optional) + flags that were actually given (non-None) -> config."""
+    """YAML file (optional) + flags that were actually given (non-None) -> config.
+
+    Local paths, in the YAML file as on the command line, are relative to the current
+    directory and come out absolute: Ray's workers run elsewhere.
+    """
     values: dict[str, Any] = {}
     if path:
         if not os.path.exists(path):
@@ -86,7 +91,7 @@ def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
             raise ConfigError(f"--config {path}: expected a mapping of keys to values")
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(cls, values, source=path or "flags")
+    return from_dict(cls, absolute_paths(values), source=path or "flags")
 
 
 LAYOUTS = ("auto", "voc", "sbd", "generic")
