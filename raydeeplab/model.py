@@ -111,9 +111,16 @@ def build_resnet(spec: ResNetSpec) -> keras_hub.models.ResNetBackbone:
 
 
 def image_converter(cls, image_size: int):
-    """Resize plus ImageNet normalisation; ``predict`` reads its scale/offset to normalise on device."""
+    """Resize plus ImageNet normalisation; ``predict`` reads its scale/offset to normalise on device.
+
+    Stretched, bilinear, no antialias: keras-hub's own preprocessor then resizes as
+    ``data.images.resize_image`` does, so both feed a preset the same pixels.
+    """
     return cls(
         image_size=(image_size, image_size),
+        crop_to_aspect_ratio=False,
+        interpolation="bilinear",
+        antialias=False,
         scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
         offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
     )
