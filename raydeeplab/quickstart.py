@@ -33,11 +33,18 @@ def make_images_to_segment(folder: str, val_pairs: list[voc.Pair]) -> None:
     storage.write_bytes(storage.join(folder, "broken", "truncated.jpg"), broken[: len(broken) // 3])
 
 
+def say(text: str) -> None:
+    print(f"raydeeplab quickstart: {text}", flush=True)
+
+
 def quickstart(output: str, images: int = 48, epochs: int = 8) -> dict:
-    """Run the demo into ``output``; returns the scores and paths it printed."""
+    """Run the demo into ``output`` (absolute or ``s3://``: Ray workers run in other folders);
+    prints a line per phase and returns the scores and paths."""
     data = storage.join(output, "data")
     if not storage.exists(storage.join(data, "ImageSets")):
         synthetic.make_shapes_dataset(data, images, size=(96, 128), num_classes=CLASSES, photos=True)
+    val_pairs = voc.split_pairs(data, "voc", "val")
+    say(f"{images} labelled examples in {data}, {len(val_pairs)} of them held out for validation")
     run = storage.join(output, "run")
 
     def score(model: str) -> float:
@@ -45,29 +52,29 @@ def quickstart(output: str, images: int = 48, epochs: int = 8) -> dict:
         return run_evaluate(cfg)["mean_iou"]
 
     untrained = score("tiny")
-    print(f"quickstart: untrained tiny model, validation mean IoU {untrained:.3f}")
+    say(f"untrained tiny model: held-out mean IoU {untrained:.3f}")
     train_cfg = TrainConfig(
         data=data, output=run, model="tiny", num_classes=CLASSES, image_size=SIZE, batch_size=8,
         epochs=epochs, learning_rate=0.05, workers=2, gallery=6,
     )  # fmt: skip
     state = run_train(train_cfg)
     trained = score(storage.join(run, BEST))
-    print(
-        f"quickstart: trained {state['epoch']} epochs on 2 Ray Train workers, "
-        f"validation mean IoU {trained:.3f} (untrained {untrained:.3f})"
+    say(
+        f"trained {state['epoch']} epochs on 2 Ray Train workers: held-out mean IoU {trained:.3f} "
+        f"(untrained {untrained:.3f})"
     )
     to_segment = storage.join(output, "images")
     if not storage.exists(to_segment):
-        make_images_to_segment(to_segment, voc.split_pairs(data, "voc", "val"))
-    summary = run_predict(
-        PredictConfig(input=to_segment, output=storage.join(output, "predictions"), model=storage.join(run, BEST), batch_size=8)
-    )
+        make_images_to_segment(to_segment, val_pairs)
+    predictions = storage.join(output, "predictions")
+    summary = run_predict(PredictConfig(input=to_segment, output=predictions, model=storage.join(run, BEST), batch_size=8))
     print(summary.line())
     return {
         "untrained_mean_iou": untrained,
         "trained_mean_iou": trained,
         "gallery": storage.join(run, "gallery.png"),
-        "predictions": storage.join(output, "predictions"),
+        "masks": storage.join(predictions, "masks"),
+        "parquet": storage.join(predictions, "predictions"),
         "ok": summary.ok,
         "failed": summary.failed,
     }
