@@ -1,6 +1,13 @@
-"""Ray role: evaluation. The batch-inference actors over a labelled split, scored at the source
-resolution (the predicted mask is resized back exactly as ``predict`` writes it), with one
-confusion matrix per batch summed in the driver: exact, not an average of averages.
+"""Ray role: evaluation. The batch-inference actors over a labelled split, with one confusion
+matrix per batch summed in the driver: exact, not an average of averages.
+
+Two protocols (``--protocol``), both on the stretched input every mode uses:
+
+- ``voc`` (default, the Pascal VOC definition): label 255 ignored, scored at the source
+  resolution (the predicted mask resized back exactly as ``predict`` writes it);
+- ``guide`` (the Keras DeepLabV3+ guide's definition): label 255 counted as background,
+  scored at the model's resolution (truth stretched like the image), so our numbers sit
+  beside the guide's published ones.
 """
 
 from __future__ import annotations
@@ -14,10 +21,11 @@ from raydeeplab import storage
 from raydeeplab.batch import ERROR, IMAGE, MASK, SegmenterPredictor
 from raydeeplab.config import ConfigError, PredictConfig
 from raydeeplab.data import voc
-from raydeeplab.data.images import resize_image, resize_mask
+from raydeeplab.data.images import IGNORE_LABEL, resize_image, resize_mask
 from raydeeplab.metrics import ConfusionMatrix
 
 TRUTH, MATRIX = "truth", "matrix"
+PROTOCOLS = ("voc", "guide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +41,13 @@ class EvaluateConfig:
     gpus_per_actor: float | None = None
     output: str | None = None  # folder for metrics JSON and gallery.png
     gallery: int = 0
+    protocol: str = "voc"  # voc: 255 ignored, source size; guide: 255 = background, model size
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
 
     def predict_config(self) -> PredictConfig:
         return PredictConfig(
@@ -42,20 +57,30 @@ class EvaluateConfig:
         )  # fmt: skip
 
 
-def load_eval_batch(batch: dict, size: int) -> dict:
-    """{image_uri, mask_uri} -> IMAGE (n, S, S, 3) uint8 for the model, TRUTH at source size."""
+def scored_truth(mask: np.ndarray, size: int, protocol: str) -> np.ndarray:
+    """The ``(h, w) uint8`` truth a protocol scores: ``voc`` the source mask, ``guide`` the
+    mask stretched to ``(size, size)`` like its image, with 255 relabelled background."""
+    if protocol == "voc":
+        return mask
+    mask = resize_mask(mask, size, size)
+    return np.where(mask == IGNORE_LABEL, np.uint8(0), mask)
+
+
+def load_eval_batch(batch: dict, size: int, protocol: str) -> dict:
+    """{image_uri, mask_uri} -> IMAGE (n, S, S, 3) uint8 for the model, TRUTH as the protocol scores it."""
     images, truths = [], []
     for image_uri, mask_uri in zip(batch[voc.IMAGE_URI], batch[voc.MASK_URI]):
         image, mask = voc.load_example(image_uri, mask_uri)
         images.append(resize_image(image, size))
-        truths.append(mask)
+        truths.append(scored_truth(mask, size, protocol))
     truth = np.empty(len(truths), object)
     truth[:] = truths
     return {IMAGE: np.stack(images), TRUTH: truth, ERROR: np.array([""] * len(images))}
 
 
 def batch_confusion(batch: dict, num_classes: int) -> dict:
-    """Masks back to each truth's size (nearest, as ``predict`` writes them), then counted."""
+    """Masks to each truth's size (nearest, as ``predict`` writes them; a no-op for the guide's
+    square truth), then counted."""
     matrix = ConfusionMatrix(num_classes)
     for mask, truth in zip(batch[MASK], batch[TRUTH]):
         matrix.update(truth, resize_mask(mask, *truth.shape))
@@ -69,15 +94,17 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     from raydeeplab.batch import actor_resources
     from raydeeplab.model import describe_model
 
-    if cfg.batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
     voc.validate_pairs(pairs, info.num_classes)
     gpus_per_actor, actors = actor_resources(cfg.predict_config())
     matrices = (
         ray.data.from_items(pairs)
-        .map_batches(load_eval_batch, batch_size=cfg.batch_size, fn_kwargs={"size": info.image_size})
+        .map_batches(
+            load_eval_batch,
+            batch_size=cfg.batch_size,
+            fn_kwargs={"size": info.image_size, "protocol": cfg.protocol},
+        )
         .map_batches(
             SegmenterPredictor,
             fn_constructor_kwargs={"cfg": cfg.predict_config(), "on_gpu": gpus_per_actor > 0},
@@ -96,9 +123,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "images": len(pairs),
         "split": cfg.split,
         "model": cfg.model,
+        "protocol": cfg.protocol,
     }
     if cfg.output:
-        name = f"eval_{cfg.split}.json"
+        name = f"eval_{cfg.split}_{cfg.protocol}.json"  # both protocols can share a folder
         storage.write_bytes(storage.join(cfg.output, name), json.dumps(scores, indent=2).encode())
         if cfg.gallery:
             write_gallery(cfg.model, pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"))
