@@ -9,7 +9,7 @@ same resize, same encoder). Runtime knobs live in ``user_config`` (:class:`Knobs
 ``model``, ``max_batch_size`` and ``batch_wait_timeout_s`` change without a redeploy.
 
     raydeeplab serve --model s3://runs/voc-r50/best --replicas 2 --gpus-per-replica 1
-    serve build raydeeplab.serve:app -o configs/serve_config.yaml && serve deploy configs/serve_config.yaml
+    serve deploy configs/serve_config.yaml   # import_path raydeeplab.serve:app_builder, with `args`
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
@@ -398,7 +398,9 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     return SegmenterDeployment.options(**options).bind(config.model_dump())
 
 
-app = app_builder({})  # `serve build raydeeplab.serve:app`; pick the model in user_config.model
+# A random-init `tiny` model without auth, to try Serve locally (`serve run raydeeplab.serve:app`);
+# deployments name the builder and its `args` (configs/serve_config.yaml).
+app = app_builder({})
 
 
 # ---------------------------------------------------------------- `raydeeplab serve`

@@ -3,12 +3,14 @@
 What a user would otherwise find out from `kubectl apply` or a failed pod: a manifest the API
 server rejects or silently prunes, a pod spec Kubernetes refuses, an entrypoint that names a
 missing file or a flag the CLI does not know, a Ray version that differs between the image and
-the cluster, a GPU pod that never schedules, a credential committed to the repository.
+the cluster, a job whose Ray resources never fit a pod (it waits forever), an open cluster or
+pod, a Serve app with no auth or an untrained model, a credential committed to the repository.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import importlib
 import json
@@ -25,7 +27,11 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
-from raydeeplab.cli import build_parser
+from raydeeplab import storage
+from raydeeplab.cli import build_parser, config_from_args
+from raydeeplab.config import PredictConfig, TrainConfig
+from raydeeplab.serve_args import ServeArgs
+from raydeeplab.train import BEST
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
@@ -49,15 +55,20 @@ CLUSTER_SPEC_PATH = {
 }
 # jobs/<file>.py runs `raydeeplab <verb>` with the same flags.
 JOB_VERBS = {"jobs/batch_infer.py": "predict", "jobs/train.py": "train", "jobs/evaluate.py": "evaluate"}
-# (count flag, GPUs-each flag) of the verbs whose flags size the job's GPU demand.
-GPU_DEMAND_FLAGS = {"predict": ("actors", "gpus_per_actor"), "train": ("workers", "gpus_per_worker")}
+# The config class each GPU verb merges its --config file and flags into, as the CLI does.
+CONFIGS = {"predict": PredictConfig, "train": TrainConfig}
+# Share of a GPU pod's CPUs that the GPU work may take: the rest decodes and augments (Ray Data
+# tasks) or parses requests; a pod whose CPUs all go to its GPU actor starves the GPU.
+MAX_GPU_WORK_CPU_SHARE = 0.5
+OPERATOR_VERSION = re.compile(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+\.\d+\.\d+)")
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|SESSION_KEY|CREDENTIAL", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")
 DOCKERFILE_INSTRUCTIONS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
     "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
 }  # fmt: skip
-RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>3)(?P<minor>\d+)-(?:gpu|cu\d+)$")
+# Ray's CPU image: CUDA comes once, from jax[cuda12]'s wheels, not also from a -gpu/-cuXX base.
+RAY_IMAGE = re.compile(r"^rayproject/ray:(?P<ray>\d+\.\d+\.\d+)-py(?P<major>3)(?P<minor>\d+)$")
 
 
 # ---------------------------------------------------------------- loading
@@ -250,23 +261,127 @@ def test_job_verbs_cover_the_job_entrypoints():
     assert sorted(JOB_VERBS) == sorted(str(p.relative_to(REPO)) for p in (REPO / "jobs").glob("*.py"))
 
 
-@pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
-def test_rayjob_entrypoint_runs_a_repo_script_with_flags_the_cli_accepts(name, doc, capsys):
+def job_args(name: str, doc: dict[str, Any]):
+    """(verb, parsed flags) of a RayJob's entrypoint, parsed by the CLI's own parser."""
     script, flags = entrypoint_argv(doc)
     assert (REPO / script).is_file(), f"{name}: entrypoint names {script}, which is not in the repository"
     verb = JOB_VERBS[script]
     try:
-        args = build_parser().parse_args([verb, *flags])
+        return verb, build_parser().parse_args([verb, *flags])
     except SystemExit:
-        error = capsys.readouterr().err.strip().splitlines()[-1]  # "raydeeplab: error: ..."
-        pytest.fail(f"{name}: `raydeeplab {verb} {shlex.join(flags)}` -> {error}")
+        pytest.fail(f"{name}: `raydeeplab {verb} {shlex.join(flags)}` is refused by the CLI")
+
+
+def job_config(name: str, doc: dict[str, Any]):
+    """The RayJob's run configuration: its --config file merged with its flags, as the CLI does
+    (relative paths are the image's working directory: the repository root)."""
+    verb, args = job_args(name, doc)
+    if args.config:
+        args.config = str(REPO / args.config)
+    cfg = config_from_args(CONFIGS[verb], args)
+    cfg.validate()
+    return cfg
+
+
+@pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
+def test_rayjob_entrypoint_runs_a_repo_script_with_flags_the_cli_accepts(name, doc):
+    verb, args = job_args(name, doc)
     if args.config:
         assert (REPO / args.config).is_file(), f"{name}: --config {args.config} is not in the repository"
-    if verb in GPU_DEMAND_FLAGS:
-        count, each = (getattr(args, flag) for flag in GPU_DEMAND_FLAGS[verb])
-        if count and each:
-            capacity = gpu_capacity(cluster_spec(doc))
-            assert count * each <= capacity, f"{name}: asks for {count * each} GPUs, the cluster has {capacity}"
+
+
+# ---------------------------------------------------------------- Ray resources per pod
+
+
+def cpu_count(quantity: str | int | float) -> float:
+    """Kubernetes CPU quantity -> cores; KubeRay rounds it up for `ray start --num-cpus`."""
+    text = str(quantity)
+    return float(-(-int(text[:-1]) // 1000)) if text.endswith("m") else float(text)
+
+
+def pod_resources(group: dict[str, Any]) -> dict[str, float]:
+    """The CPUs and GPUs `ray start` offers in one pod of a group, as KubeRay sets them:
+    rayStartParams num-cpus/num-gpus when given, else the Ray container's limits (else requests)."""
+    params = group["rayStartParams"]
+    resources = group["template"]["spec"]["containers"][0]["resources"]
+    amounts = {**resources.get("requests", {}), **resources.get("limits", {})}
+    return {
+        "CPU": float(params["num-cpus"]) if "num-cpus" in params else cpu_count(amounts.get("cpu", 0)),
+        "GPU": float(params.get("num-gpus", amounts.get(GPU, 0))),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class Demand:
+    """``count`` Ray actors or workers of ``cpus`` + ``gpus`` each (one bundle must fit one pod)."""
+
+    what: str
+    count: int
+    cpus: float
+    gpus: float
+    warm: int = 0  # how many must run with the groups at minReplicas (Serve's min_replicas)
+
+
+def fit_errors(spec: dict[str, Any], demand: Demand) -> list[str]:
+    """Why ``demand`` would not schedule on the cluster ``spec``, checked per pod, not in total."""
+    if demand.gpus <= 0:  # on a GPU pod it would see every GPU with no CUDA_VISIBLE_DEVICES set
+        return [f"{demand.what} ask for no GPU: the work runs on GPU pods, unaccounted"]
+    errors, capacity, warm = [], 0, 0
+    for group in spec["workerGroupSpecs"]:
+        pod = pod_resources(group)
+        if pod["GPU"] == 0:
+            continue
+        per_pod = int(pod["GPU"] // demand.gpus)
+        where = f"group {group['groupName']} ({pod['GPU']:g} GPU, {pod['CPU']:g} CPU per pod)"
+        if per_pod == 0:
+            errors.append(f"{demand.what} ask for {demand.gpus:g} GPUs each; {where} has fewer")
+            continue
+        taken = per_pod * demand.cpus
+        if taken > pod["CPU"] * MAX_GPU_WORK_CPU_SHARE:
+            errors.append(
+                f"{per_pod} x {demand.what} take {taken:g} CPUs of {where}: "
+                f"more than {MAX_GPU_WORK_CPU_SHARE:.0%}, too few left for the data pipeline"
+            )
+            continue
+        capacity += per_pod * group["maxReplicas"]
+        warm += per_pod * group["minReplicas"]
+    if not errors and capacity < demand.count:
+        errors.append(f"{demand.count} {demand.what} but the GPU groups hold {capacity} at maxReplicas")
+    if not errors and warm < demand.warm:
+        errors.append(f"{demand.warm} {demand.what} must stay up but minReplicas hold {warm}")
+    return errors
+
+
+def job_demand(name: str, doc: dict[str, Any]) -> Demand:
+    cfg = job_config(name, doc)
+    if isinstance(cfg, TrainConfig):
+        return Demand("Ray Train workers", cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
+    # The GPU group starts empty: the defaults would count no GPU and run one actor on CPU.
+    assert cfg.actors and cfg.gpus_per_actor, f"{name}: give actors and gpus_per_actor explicitly"
+    return Demand("GPU actors", cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor)
+
+
+@pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
+def test_rayjob_workers_fit_one_pod_each_and_leave_cpus_for_the_data_pipeline(name, doc):
+    assert fit_errors(cluster_spec(doc), job_demand(name, doc)) == []
+
+
+def test_training_batch_splits_evenly_over_the_gpus():
+    for name, doc in RAY_JOBS:
+        cfg = job_config(name, doc)
+        if isinstance(cfg, TrainConfig):
+            devices = cfg.workers * max(cfg.gpus_per_worker, 1)
+            assert cfg.batch_size % devices == 0, f"{name}: batch {cfg.batch_size} over {devices} GPUs"
+
+
+def test_fit_check_refuses_what_never_schedules():
+    """The training config this replaced, and its first fix, on the 1-GPU, 8-CPU pods."""
+    spec = cluster_spec(dict(RAY_JOBS)["rayjob-train.yaml"])
+    assert "has fewer" in fit_errors(spec, Demand("workers", 2, 8, 8))[0]
+    assert "data pipeline" in fit_errors(spec, Demand("workers", 8, 8, 1))[0]
+    assert "at maxReplicas" in fit_errors(spec, Demand("workers", 9, 2, 1))[0]
+    assert "no GPU" in fit_errors(spec, Demand("replicas", 1, 1, 0))[0]
+    assert "must stay up" in fit_errors(spec, Demand("replicas", 1, 1, 1, warm=1))[0]
 
 
 @pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
@@ -296,20 +411,16 @@ def images() -> set[str]:
     return {container["image"] for _, doc in RAY_MANIFESTS for _, container in containers(doc)}
 
 
-def test_every_pod_runs_the_project_image_tagged_with_the_project_version():
+def test_every_pod_runs_one_project_image_under_an_immutable_tag():
+    """A tag per commit (or a digest): pods never run a stale image cached under a reused tag."""
     (image,) = images()
-    repository, tag = image.rsplit(":", 1)
-    assert repository.endswith("/raydeeplab") and tag == pyproject()["project"]["version"], image
-
-
-def gpu_capacity(spec: dict[str, Any]) -> float:
-    """GPUs of the cluster at its largest: maxReplicas x GPUs per pod, over the worker groups."""
-    total = 0.0
-    for group in spec.get("workerGroupSpecs", []):
-        limits = [c["resources"].get("limits", {}) for c in group["template"]["spec"]["containers"]]
-        per_pod = sum(float(limit.get(GPU, 0)) for limit in limits)
-        total += group["maxReplicas"] * per_pod
-    return total
+    if "@" in image:
+        repository, digest = image.split("@")
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", digest), image
+    else:
+        repository, tag = image.rsplit(":", 1)
+        assert tag == "GIT_SHA" or re.fullmatch(r"[0-9a-f]{7,40}", tag), f"{image}: tag it with the commit"
+    assert repository.endswith("/raydeeplab"), image
 
 
 def tolerates_gpu_taint(toleration: dict[str, Any]) -> bool:
@@ -324,7 +435,7 @@ def tolerates_gpu_taint(toleration: dict[str, Any]) -> bool:
 @pytest.mark.parametrize("name, doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
 def test_gpu_groups_request_what_they_limit_and_tolerate_the_gpu_taint(name, doc):
     spec = cluster_spec(doc)
-    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["enableInTreeAutoscaling"] is True and spec["autoscalerOptions"]["version"] == "v2"
     gpu_groups = 0
     for group in spec["workerGroupSpecs"]:
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
@@ -338,6 +449,7 @@ def test_gpu_groups_request_what_they_limit_and_tolerate_the_gpu_taint(name, doc
             where = f"{name} group {group['groupName']}"
             assert requested == limited, f"{where}: {GPU} requests {requested} != limits {limited}"
             assert any(tolerates_gpu_taint(t) for t in pod.get("tolerations", [])), f"{where}: no {GPU} toleration"
+            assert pod.get("nodeSelector"), f"{where}: no nodeSelector: it would wait on any node the taint allows"
     assert gpu_groups >= 1, f"{name}: no worker group asks for {GPU}"
     head_limits = spec["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert GPU not in head_limits, f"{name}: the head is CPU only"
@@ -350,6 +462,68 @@ def test_head_serves_dashboard_and_metrics_on_its_declared_ports(name, doc):
     ports = {p["name"]: p["containerPort"] for p in head["template"]["spec"]["containers"][0]["ports"]}
     assert params["dashboard-host"] == "0.0.0.0"
     assert ports["dashboard"] == 8265 and ports["metrics"] == int(params["metrics-export-port"])
+
+
+# ---------------------------------------------------------------- locked down: security context, auth
+
+
+def security_errors(where: str, context: dict[str, Any] | None, mounts: list[dict[str, Any]]) -> list[str]:
+    """What a container's securityContext leaves open (the base image's `ray` has passwordless sudo)."""
+    context = context or {}
+    errors = []
+    if context.get("allowPrivilegeEscalation") is not False:
+        errors.append(f"{where}: allowPrivilegeEscalation must be false (sudo is one command away)")
+    if context.get("capabilities", {}).get("drop") != ["ALL"] or context.get("capabilities", {}).get("add"):
+        errors.append(f"{where}: capabilities must drop ALL and add none")
+    if context.get("privileged") or context.get("runAsUser") == 0:
+        errors.append(f"{where}: privileged or root")
+    if context.get("readOnlyRootFilesystem") is not True:
+        errors.append(f"{where}: readOnlyRootFilesystem must be true")
+    elif "/tmp" not in {m["mountPath"] for m in mounts}:
+        errors.append(f"{where}: a read-only root needs a writable /tmp (Ray's session folder)")
+    return errors
+
+
+@pytest.mark.parametrize("where, template", POD_TEMPLATES, ids=[where for where, _ in POD_TEMPLATES])
+def test_every_pod_runs_as_non_root_without_privilege_escalation(where, template):
+    pod = template["spec"].get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 1000) != 0, f"{where}: {pod}"
+    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: {pod}"
+    spec = template["spec"]
+    errors = []
+    for container in spec["containers"] + spec.get("initContainers", []):
+        context, mounts = container.get("securityContext"), container.get("volumeMounts", [])
+        errors += security_errors(f"{where} {container['name']}", context, mounts)
+    assert errors == []
+
+
+@pytest.mark.parametrize("name, doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
+def test_autoscaler_sidecar_is_locked_down_too(name, doc):
+    options = cluster_spec(doc)["autoscalerOptions"]
+    assert security_errors(f"{name} autoscaler", options.get("securityContext"), options.get("volumeMounts", [])) == []
+
+
+@pytest.mark.parametrize("name, doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
+def test_every_cluster_requires_the_ray_auth_token(name, doc):
+    """`ray start --head` (what KubeRay runs) has no auth without it: 8265/10001 run anyone's code."""
+    assert cluster_spec(doc).get("authOptions", {}).get("mode") == "token", f"{name}: set authOptions.mode: token"
+
+
+def test_operator_version_is_pinned_and_the_crd_schemas_are_its_own():
+    """authOptions needs KubeRay >= 1.6; 1.7.0 also stops the RayJob submitter racing the dashboard."""
+    pins = OPERATOR_VERSION.findall((K8S / "README.md").read_text())
+    assert pins, "k8s/README.md must install the operator with --version X.Y.Z"
+    (version,) = set(pins)
+    assert tuple(map(int, version.split("."))) >= (1, 7, 0), version
+    assert f"v{version}" in (CRD_SCHEMAS / "SOURCE.md").read_text(), "tests/schemas/kuberay/ is from another release"
+
+
+@pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
+def test_rayjob_gives_up_instead_of_waiting_forever(name, doc):
+    spec = doc["spec"]
+    assert 0 < spec["preRunningDeadlineSeconds"] < spec["activeDeadlineSeconds"], f"{name}: deadlines"
+    assert spec["backoffLimit"] >= 0 and spec["submitterConfig"]["backoffLimit"] >= 1, f"{name}: retries"
+    assert "submitterPodTemplate" in spec, f"{name}: KubeRay's default submitter has no security context"
 
 
 # ---------------------------------------------------------------- credentials
@@ -455,22 +629,73 @@ def test_dockerfile_python_is_one_the_project_supports():
     assert python in SpecifierSet(pyproject()["project"]["requires-python"]), python
 
 
-def test_dockerfile_installs_the_project_with_its_cuda_extra():
-    runs = [shlex.split(args) for instruction, args in dockerfile() if instruction == "RUN"]
-    installs = [argv for argv in runs if argv[:2] == ["pip", "install"]]
-    assert len(installs) == 1, installs
-    argv = installs[0]
-    targets = [a for a in argv[argv.index("install") + 1 :] if not a.startswith("-")]
-    assert targets == [".[cuda]"], targets
-    assert "cuda" in pyproject()["project"]["optional-dependencies"]
-    assert any(Requirement(r).name == "jax" for r in pyproject()["project"]["optional-dependencies"]["cuda"])
+def run_commands(arguments: str) -> list[list[str]]:
+    """A RUN line's shell commands, split on `&&`."""
+    commands, current = [], []
+    for word in shlex.split(arguments):
+        if word == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return commands + [current]
+
+
+def pip_installs() -> list[tuple[int, list[str]]]:
+    """(instruction index, argv) of every `pip install` in the Dockerfile."""
+    return [
+        (index, argv)
+        for index, (instruction, arguments) in enumerate(dockerfile())
+        if instruction == "RUN"
+        for argv in run_commands(arguments)
+        if argv[:2] == ["pip", "install"]
+    ]
+
+
+def install_targets(argv: list[str]) -> list[str]:
+    """The requirements a `pip install` names itself (not options, files or the project)."""
+    targets, skip = [], False
+    for word in argv[2:]:
+        if skip or word in ("-r", "-c", "--requirement", "--constraint"):
+            skip = not skip
+        elif not word.startswith("-") and word != ".":
+            targets.append(word)
+    return targets
+
+
+def copied(arguments: str) -> list[str]:
+    return [a for a in shlex.split(arguments) if not a.startswith("--")]
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code():
+    """A code edit must reuse the dependency layer instead of reinstalling TensorFlow and CUDA."""
+    instructions = dockerfile()
+    (code,) = [i for i, (ins, args) in enumerate(instructions) if ins == "COPY" and copied(args)[0] == "."]
+    early_copies = [copied(args)[:-1] for ins, args in instructions[:code] if ins == "COPY"]
+    assert early_copies == [["pyproject.toml"]], early_copies
+    before = [argv for index, argv in pip_installs() if index < code]
+    after = [argv for index, argv in pip_installs() if index > code]
+    assert any("-r" in argv for argv in before), "dependencies are installed from pyproject.toml first"
+    assert after == [["pip", "install", "--no-cache-dir", "--no-deps", "."]], after
+
+
+def test_dockerfile_pins_jax_with_one_cuda_and_tensorflow_cpu():
+    import jax
+
+    pins = {r.name: r for _, argv in pip_installs() for r in map(Requirement, install_targets(argv))}
+    assert pins["jax"].extras == {"cuda12"}, "CUDA from jax's wheels, on Ray's CPU base image"
+    assert str(pins["jax"].specifier) == f"=={jax.__version__}", "the image runs the JAX the tests run"
+    (tensorflow,) = [Requirement(d) for d in pyproject()["project"]["dependencies"] if d.startswith("tensorflow")]
+    assert str(pins["tensorflow-cpu"].specifier) == str(tensorflow.specifier), "same TensorFlow, CPU build"
+    runs = [argv for ins, args in dockerfile() if ins == "RUN" for argv in run_commands(args)]
+    assert ["pip", "uninstall", "-y", "tensorflow"] in runs, "the CUDA build of TensorFlow would claim the GPU"
 
 
 def test_dockerfile_puts_the_repository_in_the_working_directory_with_the_jax_backend():
     instructions = dockerfile()
     (workdir,) = [args for instruction, args in instructions if instruction == "WORKDIR"]
-    copies = [[a for a in shlex.split(args) if not a.startswith("--")] for i, args in instructions if i == "COPY"]
-    assert [".", workdir] in copies, f"the entrypoints' relative paths need `COPY . {workdir}`, got {copies}"
+    copies = [copied(args) for instruction, args in instructions if instruction == "COPY"]
+    assert [".", "."] in copies or [".", workdir] in copies, f"the entrypoints' relative paths need the code in {workdir}"
     env = dict(item.split("=", 1) for i, args in instructions if i == "ENV" for item in shlex.split(args))
     assert env["KERAS_BACKEND"] == "jax"
 
@@ -480,7 +705,7 @@ def test_dockerfile_puts_the_repository_in_the_working_directory_with_the_jax_ba
 
 @pytest.mark.parametrize("name, doc", RAY_SERVICES, ids=ids(RAY_SERVICES))
 def test_rayservice_serves_the_repository_serve_config(name, doc):
-    assert SERVE_CONFIG.is_file(), "configs/serve_config.yaml (`serve build raydeeplab.serve:app`) is missing"
+    assert SERVE_CONFIG.is_file(), "configs/serve_config.yaml is missing"
     assert yaml.safe_load(doc["spec"]["serveConfigV2"]) == yaml.safe_load(SERVE_CONFIG.read_text())
 
 
@@ -489,3 +714,56 @@ def test_rayservice_import_paths_resolve(name, doc):
     for application in yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]:
         module, attribute = application["import_path"].split(":")
         assert hasattr(importlib.import_module(module), attribute), application["import_path"]
+
+
+def serve_args(doc: dict[str, Any]) -> ServeArgs:
+    """The builder arguments of the RayService's one application, validated as Serve will."""
+    (application,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
+    assert application["import_path"] == "raydeeplab.serve:app_builder", "only a builder takes `args`"
+    return ServeArgs.from_dict(application["args"])
+
+
+def trained_models() -> set[str]:
+    """Where the training RayJobs publish their best preset."""
+    return {
+        storage.join(cfg.output, BEST)
+        for name, doc in RAY_JOBS
+        if isinstance(cfg := job_config(name, doc), TrainConfig)
+    }
+
+
+@pytest.mark.parametrize("name, doc", RAY_SERVICES, ids=ids(RAY_SERVICES))
+def test_rayservice_serves_the_trained_model(name, doc):
+    assert serve_args(doc).model.rstrip("/") in trained_models(), "serve what rayjob-train.yaml trains"
+
+
+@pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
+def test_batch_jobs_predict_with_the_trained_model(name, doc):
+    cfg = job_config(name, doc)
+    if isinstance(cfg, PredictConfig):
+        assert cfg.model.rstrip("/") in trained_models(), f"{name}: predict with what rayjob-train.yaml trains"
+
+
+@pytest.mark.parametrize("name, doc", RAY_SERVICES, ids=ids(RAY_SERVICES))
+def test_rayservice_replicas_fit_gpu_pods_and_autoscale_within_the_groups(name, doc):
+    args = serve_args(doc)
+    scaling = args.autoscaling_config
+    assert scaling, f"{name}: a fixed replica count keeps its GPUs idle at night and drops requests at peak"
+    demand = Demand("Serve replicas", scaling["max_replicas"], args.cpus_per_replica, args.gpus_per_replica,
+                    warm=scaling.get("min_replicas", 1))  # fmt: skip
+    assert fit_errors(cluster_spec(doc), demand) == []
+
+
+@pytest.mark.parametrize("name, doc", RAY_SERVICES, ids=ids(RAY_SERVICES))
+def test_rayservice_requires_a_bearer_token_mounted_from_a_secret(name, doc):
+    """The token file is read where replicas run: every GPU pod, from a Secret, never a literal."""
+    args = serve_args(doc)
+    assert args.auth_token_file and not args.auth_token_env, f"{name}: Serve auth must be on"
+    folder = str(Path(args.auth_token_file).parent)
+    for group in cluster_spec(doc)["workerGroupSpecs"]:
+        if pod_resources(group)["GPU"] == 0:
+            continue
+        spec = group["template"]["spec"]
+        secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0].get("volumeMounts", [])}
+        assert mounts.get(folder) in secrets, f"{name} group {group['groupName']}: {folder} is not a Secret mount"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import io
-import os
 import subprocess
 import sys
 
@@ -339,26 +338,19 @@ def test_device_batch_shapes_are_powers_of_two_up_to_the_max():
     assert device_batch_sizes(12) == [1, 2, 4, 8, 12]
 
 
-def test_checked_in_serve_config_is_what_serve_build_writes_and_valid(tmp_path):
+def test_checked_in_serve_config_deploys_the_builder_with_valid_args():
+    """configs/serve_config.yaml (k8s/rayservice.yaml's serveConfigV2): args only a builder takes."""
     from ray.serve.schema import ServeDeploySchema
 
     with open(CONFIG) as f:
-        text = f.read()
-    assert text.startswith("# serve build raydeeplab.serve:app -o configs/serve_config.yaml")
-    config = yaml.safe_load(text)
+        config = yaml.safe_load(f)
     ServeDeploySchema.model_validate(config)
-    (deployment,) = config["applications"][0]["deployments"]
-    assert config["applications"][0]["import_path"] == "raydeeplab.serve:app"
-    assert Knobs.model_validate(deployment["user_config"]).model == "tiny"
-    assert deployment["ray_actor_options"]["runtime_env"]["env_vars"]["KERAS_BACKEND"] == "jax"
-
-    fresh = tmp_path / "fresh.yaml"
-    subprocess.run(
-        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "build", "raydeeplab.serve:app",
-         "-o", str(fresh)],
-        check=True, capture_output=True, env={**os.environ, "KERAS_BACKEND": "jax"},
-    )  # fmt: skip
-    assert yaml.safe_load(fresh.read_text()) == config, "configs/serve_config.yaml is stale: rebuild it"
+    (application,) = config["applications"]
+    assert application["import_path"] == "raydeeplab.serve:app_builder"
+    assert "deployments" not in application, "options come from args, through app_builder, only"
+    args = ServeArgs.from_dict(application["args"])
+    assert args.model.startswith("s3://") and args.auth_token_file and args.gpus_per_replica == 1
+    app_builder(application["args"])  # what Serve calls with them
 
 
 def test_cli_help_imports_neither_serve_nor_frameworks():
