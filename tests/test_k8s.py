@@ -354,8 +354,8 @@ def fit_errors(spec: dict[str, Any], demand: Demand) -> list[str]:
 
 def job_demand(name: str, doc: dict[str, Any]) -> Demand:
     cfg = job_config(name, doc)
-    if isinstance(cfg, TrainConfig):
-        return Demand("Ray Train workers", cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
+    if isinstance(cfg, TrainConfig):  # placed all at once, checked against the nodes present at start
+        return Demand("Ray Train workers", cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker, warm=cfg.workers)
     # The GPU group starts empty: the defaults would count no GPU and run one actor on CPU.
     assert cfg.actors and cfg.gpus_per_actor, f"{name}: give actors and gpus_per_actor explicitly"
     return Demand("GPU actors", cfg.actors, cfg.cpus_per_actor, cfg.gpus_per_actor)
@@ -375,8 +375,8 @@ def test_training_batch_splits_evenly_over_the_gpus():
 
 
 def test_fit_check_refuses_what_never_schedules():
-    """The training config this replaced, and its first fix, on the 1-GPU, 8-CPU pods."""
-    spec = cluster_spec(dict(RAY_JOBS)["rayjob-train.yaml"])
+    """The training config this replaced, and its first fix, on the 1-GPU, 8-CPU pods (0 to 8)."""
+    spec = cluster_spec(dict(RAY_JOBS)["rayjob-batch.yaml"])
     assert "has fewer" in fit_errors(spec, Demand("workers", 2, 8, 8))[0]
     assert "data pipeline" in fit_errors(spec, Demand("workers", 8, 8, 1))[0]
     assert "at maxReplicas" in fit_errors(spec, Demand("workers", 9, 2, 1))[0]
@@ -495,6 +495,17 @@ def test_every_pod_runs_as_non_root_without_privilege_escalation(where, template
         context, mounts = container.get("securityContext"), container.get("volumeMounts", [])
         errors += security_errors(f"{where} {container['name']}", context, mounts)
     assert errors == []
+
+
+def test_security_check_finds_what_an_open_container_leaves():
+    container = copy.deepcopy(raycluster()["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+    assert security_errors("head", container["securityContext"], container["volumeMounts"]) == []
+    del container["securityContext"]["allowPrivilegeEscalation"]
+    container["securityContext"]["capabilities"]["add"] = ["SYS_ADMIN"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["mountPath"] != "/tmp"]
+    errors = security_errors("head", container["securityContext"], container["volumeMounts"])
+    assert len(errors) == 3, errors
+    assert "allowPrivilegeEscalation" in errors[0] and "drop ALL" in errors[1] and "/tmp" in errors[2]
 
 
 @pytest.mark.parametrize("name, doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
@@ -749,8 +760,8 @@ def test_rayservice_replicas_fit_gpu_pods_and_autoscale_within_the_groups(name, 
     args = serve_args(doc)
     scaling = args.autoscaling_config
     assert scaling, f"{name}: a fixed replica count keeps its GPUs idle at night and drops requests at peak"
-    demand = Demand("Serve replicas", scaling["max_replicas"], args.cpus_per_replica, args.gpus_per_replica,
-                    warm=scaling.get("min_replicas", 1))  # fmt: skip
+    warm = scaling.get("min_replicas", 1)
+    demand = Demand("Serve replicas", scaling["max_replicas"], args.cpus_per_replica, args.gpus_per_replica, warm)
     assert fit_errors(cluster_spec(doc), demand) == []
 
 
