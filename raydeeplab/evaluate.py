@@ -126,7 +126,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         "protocol": cfg.protocol,
     }
     if cfg.output:
-        name = f"eval_{cfg.split}_{cfg.protocol}.json"  # both protocols can share a folder
+        suffix = "" if cfg.protocol == "voc" else f"_{cfg.protocol}"  # both can share a folder
+        name = f"eval_{cfg.split}{suffix}.json"
         storage.write_bytes(storage.join(cfg.output, name), json.dumps(scores, indent=2).encode())
         if cfg.gallery:
             write_gallery(cfg.model, pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"))

@@ -44,13 +44,13 @@ def test_voc_protocol_ignores_255_at_the_source_size(ray_local, tmp_path, tiny_m
     assert scores["pixels"] == sum(int((t != 255).sum()) for t in truths)  # labelled source pixels, once
     assert scores["pixel_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
     assert scores["mean_iou"] == pytest.approx(np.mean(np.diag(matrix)[seen] / union[seen]), abs=1e-6)
-    assert (out / "eval_val_voc.json").exists() and (out / "gallery.png").exists()
+    assert (out / "eval_val.json").exists() and (out / "gallery.png").exists()
 
 
-def test_guide_protocol_counts_255_as_background_at_the_model_size(ray_local, tiny_model, dataset):
+def test_guide_protocol_counts_255_as_background_at_the_model_size(ray_local, tmp_path, tiny_model, dataset):
     """The guide's definition: masks resized by keras' Resizing, 255 -> 0, keras.metrics.MeanIoU."""
     data, truths, predicted = dataset
-    scores = run_evaluate(EvaluateConfig(data=data, model=tiny_model, batch_size=4, protocol="guide"))
+    scores = run_evaluate(EvaluateConfig(data=data, model=tiny_model, batch_size=4, protocol="guide", output=str(tmp_path)))
 
     resizing = keras.layers.Resizing(SIZE, SIZE, interpolation="nearest", crop_to_aspect_ratio=False)
     guide_truth = np.stack([np.asarray(resizing(t[None, :, :, None].astype("float32")))[0, :, :, 0] for t in truths])
@@ -60,6 +60,7 @@ def test_guide_protocol_counts_255_as_background_at_the_model_size(ray_local, ti
     assert scores["protocol"] == "guide" and scores["pixels"] == 5 * SIZE * SIZE  # every pixel counts
     assert scores["pixel_accuracy"] == pytest.approx((guide_truth == predicted).mean(), abs=1e-6)
     assert scores["mean_iou"] == pytest.approx(float(mean_iou.result()), abs=1e-6)
+    assert (tmp_path / "eval_val_guide.json").exists()  # beside the VOC protocol's eval_val.json
 
 
 def test_protocol_flag_is_parsed_and_an_unknown_one_refused_before_ray_starts():
