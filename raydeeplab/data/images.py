@@ -1,4 +1,5 @@
-"""Image and mask codecs. Bad input is an :class:`ImageError` with a reason, never a crash.
+"""Image and mask codecs and the one resize every mode uses. Bad input is an :class:`ImageError`
+with a reason, never a crash.
 
 Decoding normalises what real collections contain (EXIF rotation, gray, palette,
 RGBA, CMYK, 16-bit) to one thing: an ``(H, W, 3) uint8`` RGB array. Masks are
