@@ -121,6 +121,7 @@ class TrainConfig:
     gpus_per_worker: int = 0
     cpus_per_worker: float = 1.0
     max_failures: int = 3
+    wait_for_resources_s: float = 0.0  # autoscaling clusters: how long to wait for nodes to join
     precision: str | None = None  # default: mixed_bfloat16 on GPU, float32 on CPU
     gallery: int = 4
     check_limit: int | None = None  # validate only the first N pairs before training (None: all)
@@ -133,10 +134,15 @@ class TrainConfig:
                 raise ConfigError(f"{flag(name)} must be positive, got {getattr(self, name)}")
         if self.image_size % 32:
             raise ConfigError(f"--image-size must be a multiple of 32, got {self.image_size}")
-        if self.batch_size % self.workers:
+        devices = self.workers * max(self.gpus_per_worker, 1)  # one CPU device per worker without GPUs
+        if self.batch_size % devices:
+            per = f" x --gpus-per-worker {self.gpus_per_worker}" if self.gpus_per_worker else ""
             raise ConfigError(
-                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}"
+                f"--batch-size {self.batch_size} must be a multiple of --workers {self.workers}{per} "
+                f"(= {devices} devices, each taking an equal share)"
             )
+        if self.wait_for_resources_s < 0:
+            raise ConfigError(f"--wait-for-resources-s must be >= 0, got {self.wait_for_resources_s}")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if not 0 < self.min_scale <= self.max_scale:

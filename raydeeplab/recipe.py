@@ -3,7 +3,8 @@ and the full resume state (weights, optimiser slots, step, epoch) as plain files
 
 SGD (momentum 0.9, weight decay 1e-4, clipnorm 10) with cosine decay from
 0.007 * global_batch / 16 over the real number of steps; sparse cross-entropy from logits
-with label 255 ignored; a confusion matrix accumulated on the device (exact int32 counts).
+with label 255 ignored; each validation batch's confusion matrix counted on the device and
+summed on the host in int64 (exact over any split size).
 """
 
 from __future__ import annotations
@@ -46,10 +47,13 @@ def build_optimizer(cfg: TrainConfig, total_steps: int) -> keras.optimizers.Opti
 
 
 class ConfusionMatrixMetric(keras.metrics.Metric):
-    """Flat ``num_classes**2`` int32 confusion matrix (row = truth), summed on the device.
+    """Flat ``num_classes**2`` int32 confusion matrix (row = truth) of one validation batch.
 
     Under ``keras.distribution.DataParallel`` the update sees the *global* batch, so the
-    matrix is the exact sum over all workers; ``raydeeplab.metrics`` turns it into scores.
+    matrix is the exact sum over all workers. Keras' JAX ``test_on_batch`` resets metrics at
+    the start of every call, so callers read it after each batch (:func:`confusion_matrix`)
+    and sum on the host in int64; one batch's counts fit int32 (a cell holds at most
+    batch x H x W pixels).
     """
 
     def __init__(self, num_classes: int, ignore_label: int = IGNORE_LABEL, name="confusion", **kwargs):
@@ -95,12 +99,40 @@ def confusion_matrix(metric: ConfusionMatrixMetric) -> np.ndarray:
     return local_value(metric.matrix).astype(np.int64).reshape(metric.num_classes, metric.num_classes)
 
 
+def configure_keras(cfg: TrainConfig) -> None:
+    """Seed, precision and data parallelism, on every process *before* any model is built.
+
+    The seed is what makes processes agree: on GPUs ``JaxTrainer`` initialises
+    ``jax.distributed`` itself, so Keras' own cross-process seed sync (inside
+    ``keras.distribution.initialize``) never runs, and JAX refuses to place random initial
+    values that differ per process on the global mesh.
+    """
+    import jax
+
+    keras.utils.set_random_seed(cfg.seed)
+    precision = cfg.precision or ("mixed_bfloat16" if cfg.gpus_per_worker else "float32")
+    keras.config.set_dtype_policy(precision)
+    if len(jax.devices()) > 1:
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices(), auto_shard_dataset=False)
+        )
+
+
+def without_activation(segmenter: keras_hub.models.ImageSegmenter) -> keras_hub.models.ImageSegmenter:
+    """The same network with a linear head: the loss takes logits, a softmax head (the guide
+    builds one with ``activation="softmax"``) would be softmaxed twice. Argmax is unchanged."""
+    if getattr(segmenter, "activation", None) in (None, "linear"):
+        return segmenter
+    plain = type(segmenter).from_config({**segmenter.get_config(), "activation": None})
+    plain.set_weights(segmenter.get_weights())
+    return plain
+
+
 def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
     """``--model`` as the starting point: an architecture (random), a segmenter preset to
     fine-tune, or a backbone preset (e.g. ``resnet_50_imagenet``) under a new DeepLabV3+ head."""
     spec = cfg.model
     if spec in architectures():
-        keras.utils.set_random_seed(cfg.seed)  # every worker starts from the same weights
         return build_segmenter(spec, cfg.num_classes, cfg.image_size)
     local = local_preset(spec) if storage.is_remote(spec) else spec
     if os.path.isdir(local) and os.path.exists(os.path.join(local, "task.json")) or (
@@ -111,7 +143,7 @@ def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
             raise ModelError(
                 f"--model {spec} predicts {model.num_classes} classes but --num-classes is {cfg.num_classes}"
             )
-        return model
+        return without_activation(model)
     try:
         encoder = keras_hub.models.Backbone.from_preset(local)
     except Exception as err:

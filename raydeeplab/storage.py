@@ -149,6 +149,12 @@ def makedirs(uri: str) -> None:
         fs.makedirs(path, exist_ok=True)
 
 
+def remove(uri: str) -> None:
+    """Delete a file or a whole folder (recursively)."""
+    fs, path = filesystem(uri)
+    fs.rm(path, recursive=True)
+
+
 def download_dir(uri: str, local_dir: str) -> str:
     """Copy a remote folder (a model preset) into ``local_dir``; returns ``local_dir``."""
     fs, path = filesystem(uri)

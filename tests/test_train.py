@@ -15,7 +15,8 @@ from raydeeplab import storage
 from raydeeplab.config import ConfigError, TrainConfig
 from raydeeplab.data import synthetic, voc
 from raydeeplab.data.transforms import resize_for_eval
-from raydeeplab.train import check_train_config, run_train
+from raydeeplab.errors import UserError
+from raydeeplab.train import build_shuffled_pairs, check_train_config, placement_shortfall, run_train
 
 SIZE = 64
 CLASSES = 4
@@ -52,7 +53,8 @@ def voc_sbd_bucket(moto_s3):
 
     s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_s3}).mkdir("train-data")
-    synthetic.make_shapes_dataset("s3://train-data/VOC2012", 24, size=(48, 64), num_classes=CLASSES, layout="voc")
+    # 52 VOC images: 13 in val, so the 2 ranks hold 7 and 6 (+1 padding) val images, 4 batches of 2 each.
+    synthetic.make_shapes_dataset("s3://train-data/VOC2012", 52, size=(48, 64), num_classes=CLASSES, layout="voc")
     synthetic.make_shapes_dataset(
         "s3://train-data/SBD", 16, size=(48, 64), num_classes=CLASSES, layout="sbd", first_index=16
     )
@@ -60,12 +62,14 @@ def voc_sbd_bucket(moto_s3):
 
 
 def test_two_workers_train_from_s3_and_report_exact_metrics(ray_local, voc_sbd_bucket, bucket):
-    cfg = train_config(f"{voc_sbd_bucket}/VOC2012", f"{bucket}/run", sbd=f"{voc_sbd_bucket}/SBD")
+    # batch 4 over 2 workers: several validation batches per rank, uneven shards (7 and 6).
+    cfg = train_config(f"{voc_sbd_bucket}/VOC2012", f"{bucket}/run", sbd=f"{voc_sbd_bucket}/SBD", batch_size=4)
     train_pairs, val_pairs = check_train_config(cfg)
     stem = lambda pair: pair["image_uri"].rsplit("/", 1)[1][:-4]  # noqa: E731
     voc_val = {stem(p) for p in val_pairs}
     sbd_ids = {f"img_{i:06d}" for i in range(16, 32)}
-    voc_train = {f"img_{i:06d}" for i in range(24)} - voc_val
+    voc_train = {f"img_{i:06d}" for i in range(52)} - voc_val
+    assert len(val_pairs) == 13
     assert {stem(p) for p in train_pairs} == (voc_train | sbd_ids) - voc_val  # the train_aug rule
 
     state = run_train(cfg)
@@ -86,7 +90,7 @@ def test_two_workers_train_from_s3_and_report_exact_metrics(ray_local, voc_sbd_b
     assert storage.read_bytes(f"{bucket}/run/gallery.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Rerunning a finished command resumes from its last checkpoint instead of starting over.
-    again = run_train(train_config(cfg.data, cfg.output, sbd=cfg.sbd, epochs=3))
+    again = run_train(train_config(cfg.data, cfg.output, sbd=cfg.sbd, batch_size=4, epochs=3))
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["resumed_at_epochs"] == [2]
     assert again["history"][:2] == history
@@ -140,6 +144,7 @@ def test_dataset_problems_are_reported_before_training_with_the_file_name(tmp_pa
     "kwargs, message",
     [
         ({"batch_size": 7}, "--batch-size 7 must be a multiple of --workers 2"),
+        ({"batch_size": 6, "gpus_per_worker": 2}, "--batch-size 6 must be a multiple of --workers 2 x --gpus-per-worker 2"),
         ({"image_size": 50}, "--image-size must be a multiple of 32, got 50"),
         ({"layout": "coco"}, "--layout must be one of"),
         ({"data": "/nonexistent"}, "--data /nonexistent: no such folder"),
@@ -159,3 +164,60 @@ def test_cli_train_rejects_a_yaml_typo_before_ray(tmp_path, capsys):
     config.write_text("data: x\noutput: y\nepocs: 3\n")
     assert main(["train", "--config", str(config)]) == 2
     assert "unknown key(s) epocs" in capsys.readouterr().err
+
+
+def test_a_user_error_inside_a_worker_ends_the_run_at_once_with_the_file_named(ray_local, tmp_path):
+    """A corrupt example the driver did not check (``check_limit``) is met by a Ray Data task
+    inside training: retrying cannot fix it, so ``--max-failures`` must not train again."""
+    splits = synthetic.make_shapes_dataset(str(tmp_path / "data"), 24, size=(48, 64), num_classes=CLASSES, layout="voc")
+    broken = tmp_path / "data" / "JPEGImages" / f"{splits['train'][-1]}.jpg"
+    broken.write_bytes(b"not a jpeg")
+    cfg = train_config(str(tmp_path / "data"), str(tmp_path / "run"), epochs=2, max_failures=2, gallery=0, check_limit=1)
+    started = time.monotonic()
+    with pytest.raises(UserError, match=f"{broken}: ") as caught:
+        run_train(cfg)
+    assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
+    assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped in epoch 1
+    print(f"user error reported after {time.monotonic() - started:.0f}s")
+
+
+@pytest.mark.parametrize(
+    "nodes, kwargs, missing",
+    [
+        ([{"CPU": 2.0}], {"workers": 2}, "no CPU left for data loading"),  # the 2-core hang
+        ([{"CPU": 8.0, "GPU": 1.0}] * 8, {"workers": 2, "gpus_per_worker": 8, "batch_size": 16}, "only 0 worker(s) fit"),
+        ([{"CPU": 3.0}, {"CPU": 1.0}], {"workers": 2, "cpus_per_worker": 2.0}, "only 1 worker(s) fit"),
+    ],
+)
+def test_runs_that_cannot_be_placed_say_what_is_missing(nodes, kwargs, missing):
+    message = placement_shortfall(train_config("d", "o", **kwargs), nodes)
+    assert missing in message and "--workers" in message
+
+
+@pytest.mark.parametrize(
+    "nodes, kwargs",
+    [
+        ([{"CPU": 2.0}], {"workers": 2, "cpus_per_worker": 0.5}),
+        ([{"CPU": 8.0, "GPU": 1.0}] * 8, {"workers": 8, "gpus_per_worker": 1, "cpus_per_worker": 6.0}),
+        ([{"CPU": 0.0}, {"CPU": 8.0, "GPU": 8.0}], {"workers": 1, "gpus_per_worker": 8, "cpus_per_worker": 7.0}),
+    ],
+)
+def test_runs_that_fit_per_node_are_accepted(nodes, kwargs):
+    assert placement_shortfall(train_config("d", "o", **kwargs), nodes) is None
+
+
+def test_training_order_is_a_new_permutation_every_epoch(ray_local):
+    pairs = [{"image_uri": f"img_{i:05d}", "mask_uri": f"mask_{i:05d}"} for i in range(400)]
+    dataset = build_shuffled_pairs(pairs)
+    epochs = [[row["image_uri"] for row in dataset.iter_rows()] for _ in range(2)]
+    for order in epochs:
+        assert sorted(order) == [p["image_uri"] for p in pairs]
+        neighbours = sum(int(b[4:]) - int(a[4:]) == 1 for a, b in zip(order, order[1:]))
+        assert neighbours < 20  # block-order shuffling keeps ~all consecutive ids together
+    assert epochs[0] != epochs[1]
+
+
+def test_training_from_random_weights_says_so(tmp_path, capsys):
+    synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")
+    check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out"), batch_size=2))
+    assert "training starts from random weights" in capsys.readouterr().err

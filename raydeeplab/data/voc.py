@@ -231,17 +231,24 @@ def out_of_range(mask: np.ndarray, num_classes: int) -> list[int]:
     return [int(v) for v in values if v >= num_classes and v != IGNORE_LABEL]
 
 
-def check_example(example: Pair, num_classes: int) -> str | None:
-    """The problem with one pair, or ``None`` when it can be trained on."""
-    try:
-        _, mask = load_example(example[IMAGE_URI], example[MASK_URI])
-    except DatasetError as err:
-        return str(err)
+def load_training_example(image_uri: str, mask_uri: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`load_example` plus the class-range check: a pair that can be trained on, or a
+    :class:`DatasetError` naming the file (a worker meets the same problems the driver checks)."""
+    image, mask = load_example(image_uri, mask_uri)
     bad = out_of_range(mask, num_classes)
     if bad:
         values = ", ".join(map(str, bad))
         noun = "class value" if len(bad) == 1 else "class values"
-        return f"{example[MASK_URI]}: {noun} {values} >= --num-classes {num_classes}"
+        raise DatasetError(f"{mask_uri}: {noun} {values} >= --num-classes {num_classes}")
+    return image, mask
+
+
+def check_example(example: Pair, num_classes: int) -> str | None:
+    """The problem with one pair, or ``None`` when it can be trained on."""
+    try:
+        load_training_example(example[IMAGE_URI], example[MASK_URI], num_classes)
+    except DatasetError as err:
+        return str(err)
     return None
 
 
