@@ -190,6 +190,10 @@ def save_model(model: keras_hub.models.ImageSegmenter, uri: str, **sidecar) -> N
             save_model(model, tmp, **sidecar)
             storage.upload_dir(tmp, uri)
         return
+    converter = model.preprocessor.image_converter
+    # One geometry everywhere (stretch): a fine-tuned hub preset may carry keras-hub's default
+    # crop, and then keras-hub's own preprocessor would feed our checkpoint other pixels.
+    converter.crop_to_aspect_ratio = converter.resizing.crop_to_aspect_ratio = False
     model.save_to_preset(uri)
     with open(os.path.join(uri, SIDECAR), "w") as f:
         json.dump(info, f, indent=2)

@@ -118,10 +118,15 @@ def placement_shortfall(cfg: TrainConfig, nodes: list[dict]) -> str | None:
 
 def wait_until_cluster_fits(cfg: TrainConfig, poll_s: float = 10.0) -> None:
     """Fail with what is missing, instead of Ray Train waiting forever for resources; on an
-    autoscaling cluster, wait up to ``--wait-for-resources-s`` and say what for."""
+    autoscaling cluster, ask the autoscaler for the workers' bundles (Ray Train has not asked
+    yet) and wait up to ``--wait-for-resources-s``, saying what for."""
     import ray
+    from ray.autoscaler.sdk import request_resources
 
     deadline = time.monotonic() + cfg.wait_for_resources_s
+    if cfg.wait_for_resources_s:
+        bundle = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})}
+        request_resources(bundles=[bundle] * cfg.workers + [{"CPU": 1}])
     while True:
         nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
         shortfall = placement_shortfall(cfg, nodes)
