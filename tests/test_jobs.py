@@ -30,7 +30,8 @@ RAY = shutil.which("ray", path=os.path.dirname(sys.executable)) or "ray"
 
 @pytest.fixture(scope="module")
 def cluster(moto_s3, tmp_path_factory):
-    """A head node in its own process group (so teardown never touches other Ray instances)."""
+    """A head node in its own process group (so teardown never touches other Ray instances),
+    declaring 2 CPUs: no bigger than the 2-core machine the tests run on."""
     # Every port explicit: another Ray instance on this machine (the in-process test cluster)
     # already holds the defaults, and a clash silently leaves the job agent down.
     ports = {name: free_port() for name in ("gcs", "dashboard", "metrics", "agent", "agent_grpc", "runtime_env")}
@@ -40,7 +41,7 @@ def cluster(moto_s3, tmp_path_factory):
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     env = {**os.environ, "RAY_metrics_report_interval_ms": "1000"}
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=4",
+        [RAY, "start", "--head", "--block", f"--port={ports['gcs']}", "--num-cpus=2",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={ports['dashboard']}",
          f"--metrics-export-port={ports['metrics']}", f"--dashboard-agent-listen-port={ports['agent']}",
          f"--dashboard-agent-grpc-port={ports['agent_grpc']}", f"--runtime-env-agent-port={ports['runtime_env']}",
@@ -60,7 +61,7 @@ def cluster(moto_s3, tmp_path_factory):
             except Exception:
                 assert head.poll() is None and time.monotonic() < deadline, "the head node did not come up"
                 time.sleep(1)
-        yield {"address": address, "client": client, "metrics": ports["metrics"]}
+        yield {"address": address, "client": client, "metrics": ports["metrics"], "gcs": f"127.0.0.1:{ports['gcs']}"}
     finally:
         os.killpg(head.pid, 9)
         head.wait()
@@ -166,3 +167,20 @@ def test_a_failing_job_ends_failed_with_its_error_in_the_logs(cluster, tmp_path)
                  str(tmp_path / "out"), "--model", "no_such_model")  # fmt: skip
     assert wait(cluster, job, timeout=120) == "FAILED"
     assert "--model 'no_such_model' is not" in cluster["client"].get_job_logs(job)
+
+
+def test_training_that_cannot_fit_the_cluster_fails_at_once_saying_what_is_missing(cluster, tmp_path):
+    """2 workers of 1 CPU on a 2-CPU cluster leave nothing for data loading: Ray Train used to
+    wait forever (``backpressured``); the CLI must say so before any worker starts."""
+    synthetic.make_shapes_dataset(str(tmp_path / "shapes"), 8, size=(48, 64), num_classes=4)
+    started = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "raydeeplab.cli", "--address", cluster["gcs"], "train", "--data", "shapes",
+         "--output", "run", "--model", "tiny", "--num-classes", "4", "--image-size", "64", "--batch-size", "4",
+         "--workers", "2", "--cpus-per-worker", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--workers 2 need 1 CPU each on one node, plus 1 CPU for data loading" in out.stderr
+    assert "the cluster's nodes have 2 CPU" in out.stderr and "no CPU left for data loading" in out.stderr
+    assert time.monotonic() - started < 120
