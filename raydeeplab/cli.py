@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 
@@ -191,17 +192,29 @@ VERBS = {
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The exception that started a failure, unwrapped from Ray's task and worker-group errors."""
-    while True:
-        inner = (
-            getattr(err, "cause", None)  # RayTaskError: the task's own exception
+    """The innermost exception with a message: Ray wraps a worker's error in task, actor and
+    worker-group errors, and Ray Data adds an empty ``SystemException`` as the cause."""
+    found, seen = err, set()
+    while isinstance(err, BaseException) and id(err) not in seen:
+        seen.add(id(err))
+        found = err if str(err).strip() else found
+        cause = getattr(err, "cause", None)  # RayTaskError: the task's own exception
+        err = (
+            (cause if isinstance(cause, BaseException) else None)
             or next(iter(getattr(err, "worker_failures", {}).values()), None)  # Ray Train workers
             or getattr(err, "controller_failure", None)
             or err.__cause__
         )
-        if not isinstance(inner, BaseException) or inner is err:
-            return err
-        err = inner
+    return found
+
+
+def failure_line(err: BaseException) -> str:
+    """``Type: message`` of what failed; a worker's error often reaches the driver only as the
+    text of its traceback, whose last line is that."""
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,11 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         import ray
 
-        logs = f"Ray's logs in {log_folder()}" if ray.is_initialized() else "no Ray logs yet"
-        first_line = (str(cause).strip().splitlines() or [""])[0]
+        logs = f"Ray's logs in {log_folder()}" if ray.is_initialized() else "Ray was not started"
         print(
-            f"raydeeplab {args.verb}: failed: {type(cause).__name__}: {first_line} "
-            f"({logs}; rerun with -v for every traceback)",
+            f"raydeeplab {args.verb}: failed: {failure_line(cause)} ({logs}; rerun with -v for every traceback)",
             file=sys.stderr,
         )
         return 1

@@ -15,10 +15,7 @@ import os
 import sys
 
 VERBOSE_ENV = "RAYDEEPLAB_VERBOSE"
-WORKER_ENV = (
-    "KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY",
-    "RAY_TRAIN_V2_ENABLED", VERBOSE_ENV,
-)  # fmt: skip
+WORKER_ENV = ("KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY", "RAY_TRAIN_V2_ENABLED")
 PATH_KEYS = ("input", "output", "data", "sbd", "compile_cache", "model_cache", "auth_token_file")
 
 
@@ -107,10 +104,10 @@ def init_ray(address: str | None, min_cpus: int | None = None) -> None:
         logging_level=logging.INFO if loud else logging.ERROR,
     )  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = loud or sys.stdout.isatty()
-    if not loud:  # Ray Data's console handler only: ray-data.log keeps every record
+    if not loud:  # off Ray Data's console, errors included (the CLI says what failed); ray-data.log keeps all
         for handler in logging.getLogger("ray.data").handlers:
             if isinstance(handler, logging.StreamHandler):
-                handler.setLevel(logging.ERROR)
+                handler.setLevel(logging.CRITICAL)
 
 
 def log_folder() -> str:
