@@ -4,19 +4,20 @@ absolute before Ray starts; the terminal gets one line per phase and a summary (
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import re
-import sys
 import time
 
-from raydeeplab.cluster import absolute, absolute_paths, init_ray, log_folder, set_up_environment, verbose
-from raydeeplab.config import PredictConfig, TrainConfig, load_config
-from raydeeplab.errors import UserError
-from raydeeplab.evaluate import EvaluateConfig
-
 STARTED = time.perf_counter()  # "done in" counts from the command's start, imports included
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+from raydeeplab.cluster import absolute, absolute_paths, init_ray, log_folder, set_up_environment, verbose  # noqa: E402
+from raydeeplab.config import PredictConfig, TrainConfig, load_config  # noqa: E402
+from raydeeplab.errors import UserError  # noqa: E402
+from raydeeplab.evaluate import EvaluateConfig  # noqa: E402
 
 HELP = {
     "config": "YAML file of the same keys (snake_case); flags override it",
