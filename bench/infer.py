@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raydeeplab.batch import actor_resources
-    from raydeeplab.cli import init_ray
+    from raydeeplab.cluster import init_ray
     from raydeeplab.config import PredictConfig
 
     paths = jpeg_corpus(args.corpus, args.images)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from raydeeplab.cli import init_ray
+    from raydeeplab.cluster import init_ray
     from raydeeplab.model import architectures, default_image_size, input_size, load_model
     from raydeeplab.serve import app_builder
 

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import ray
 
-    from raydeeplab.cli import init_ray
+    from raydeeplab.cluster import init_ray
     from raydeeplab.config import TrainConfig
     from raydeeplab.train import run_train
 
