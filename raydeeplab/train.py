@@ -4,14 +4,19 @@ every device of every worker (``keras.distribution.DataParallel``).
 Reads top to bottom as the recipe: list and check the data (driver, before any cluster
 work) -> stream decoded, augmented batches through Ray Data -> train with equal step counts
 on every worker -> validate on the device (exact confusion matrix over the global batch)
--> checkpoint -> report. ``OUT`` receives::
+-> report metrics with a checkpoint to Ray Train. ``OUT`` receives::
 
-    checkpoints/epoch_NNNN/   preset + optimizer.npz + state.json (written last: the commit mark)
-    best/, last/              keras-hub presets with metrics.json (loadable by predict and serve)
+    _ray/raydeeplab-train/    Ray Train's run: checkpoint_<time>/ folders (preset + optimizer.npz
+                              + state.json + metrics.json) and the snapshot that lists them
+    best/, last/              exported from the ``Result``: keras-hub presets with metrics.json
+                              (loadable by predict, evaluate and serve)
     metrics.json, gallery.png
 
 A worker failure restarts the group (``FailureConfig``); a rerun of the same command resumes.
-Both simply continue from the newest committed checkpoint under ``OUT``.
+Both continue from ``ray.train.get_checkpoint()``: the newest checkpoint Ray Train registered,
+which it lists in the run's snapshot only once every worker has finished reporting it (a
+half-uploaded folder is never listed, so never loaded). A rerun finds that snapshot because
+the run's name and storage path under ``OUT`` stay the same.
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from raydeeplab.errors import UserError
 logger = logging.getLogger(__name__)
 
 IMAGE, MASK = "image", "mask"
-CHECKPOINTS, BEST, LAST, METRICS = "checkpoints", "best", "last", "metrics.json"
-KEEP_CHECKPOINTS = 2
-STATE_FILE = "state.json"
+BEST, LAST, METRICS = "best", "last", "metrics.json"
+RAY_FOLDER, RUN_NAME = "_ray", "raydeeplab-train"  # OUT/_ray/raydeeplab-train: the same run on a rerun
+KEEP_CHECKPOINTS, SCORE = 2, "mean_iou"  # the best 2 by mean IoU, plus the newest
 
 
 # ---------------------------------------------------------------- driver side, no Ray
@@ -159,38 +164,6 @@ def load_train_batch(
     return {IMAGE: np.stack(images), MASK: np.stack(masks)}
 
 
-# ---------------------------------------------------------------- checkpoints (plain files under OUT)
-
-
-def checkpoint_uri(output: str, epoch: int) -> str:
-    return storage.join(output, CHECKPOINTS, f"epoch_{epoch:04d}")
-
-
-def committed_checkpoints(output: str) -> list[str]:
-    """Checkpoint folders whose state.json exists (written last), oldest first."""
-    root = storage.join(output, CHECKPOINTS)
-    if not storage.exists(root):
-        return []
-    states = storage.list_files(root, (STATE_FILE,))
-    return sorted(state.rsplit("/", 1)[0] for state in states)
-
-
-def publish_checkpoint(local_dir: str, cfg: TrainConfig, epoch: int, improved: bool) -> None:
-    """Rank 0 only: upload the epoch's folder (state.json last), refresh last/ and best/."""
-    target = checkpoint_uri(cfg.output, epoch)
-    for name in sorted(os.listdir(local_dir), key=lambda n: n == STATE_FILE):
-        path = os.path.join(local_dir, name)
-        if os.path.isdir(path):
-            storage.upload_dir(path, storage.join(target, name))
-        else:
-            with open(path, "rb") as f:
-                storage.write_bytes(storage.join(target, name), f.read())
-    for alias in [LAST] + ([BEST] if improved else []):
-        storage.upload_dir(local_dir, storage.join(cfg.output, alias))
-    for old in committed_checkpoints(cfg.output)[:-KEEP_CHECKPOINTS]:
-        storage.remove(old)
-
-
 # ---------------------------------------------------------------- on the workers
 
 
@@ -249,7 +222,7 @@ def rank_slice(pairs: list, rank: int, world: int) -> list:
 
 def user_error_uri(output: str) -> str:
     """Where a worker records a user error, so that Ray Train's retries do not repeat it."""
-    return storage.join(output, "_ray", "user_error.txt")
+    return storage.join(output, RAY_FOLDER, "user_error.txt")
 
 
 @contextlib.contextmanager
@@ -290,15 +263,14 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
     setup_distribution(cfg, rank, world)
     per_worker = cfg.batch_size // world
 
-    committed = committed_checkpoints(cfg.output)
-    if committed:  # a restarted worker group or a rerun command: continue where it stopped
-        with tempfile.TemporaryDirectory() as tmp:
-            local = storage.download_dir(committed[-1], os.path.join(tmp, "ckpt"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # a restarted worker group or a rerun command: continue where it stopped
+        with checkpoint.as_directory() as local:
             segmenter = keras_hub.models.ImageSegmenter.from_preset(local)
             model = recipe.trainable_model(segmenter)
             metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
             state = recipe.restore_train_state(model, local)
-        logger.info("rank %d resumed from %s at epoch %d", rank, committed[-1], state["epoch"])
+        logger.info("rank %d resumed from %s at epoch %d", rank, checkpoint.path, state["epoch"])
         state["resumed_at_epochs"] = state.get("resumed_at_epochs", []) + [state["epoch"]]
     else:
         segmenter = recipe.initial_segmenter(cfg)
@@ -324,11 +296,10 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
             matrix += recipe.confusion_matrix(metric)
         scores = ConfusionMatrix.from_dict({"num_classes": cfg.num_classes, "matrix": matrix}).compute()
 
-        improved = scores["mean_iou"] > state["best_mean_iou"]
         metrics = {
             "epoch": epoch + 1,
             "loss": float(np.mean(losses)) if losses else float("nan"),
-            "mean_iou": scores["mean_iou"],
+            SCORE: scores["mean_iou"],
             "pixel_accuracy": scores["pixel_accuracy"],
             "per_class_iou": scores["per_class_iou"],
             "confusion_matrix": matrix.tolist(),
@@ -345,14 +316,17 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
             recipe.save_train_state(segmenter, model, tmp, state)  # collective: every rank saves
             with open(os.path.join(tmp, METRICS), "w") as f:
                 json.dump(metrics, f, indent=2)
-            if rank == 0:
-                publish_checkpoint(tmp, cfg, epoch + 1, improved)
-        ray.train.report({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            # Every rank reports (a barrier); rank 0's folder is the checkpoint. The others hold
+            # the same replicated values and would only upload the same files over it.
+            ray.train.report(
+                {k: v for k, v in metrics.items() if not isinstance(v, list)},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
+            )
 
 
 def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list[voc.Pair]):
     import ray.data
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
 
     resources = {"CPU": cfg.cpus_per_worker}
@@ -360,10 +334,13 @@ def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list
         resources["GPU"] = cfg.gpus_per_worker
     storage_path, storage_filesystem = ray_storage(cfg.output)
     run_config = RunConfig(
-        name="raydeeplab-train",
+        name=RUN_NAME,
         storage_path=storage_path,
         storage_filesystem=storage_filesystem,
         failure_config=FailureConfig(max_failures=cfg.max_failures),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=KEEP_CHECKPOINTS, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+        ),
     )
     return JaxTrainer(
         train_loop_per_worker,
@@ -412,33 +389,45 @@ def build_shuffled_pairs(train_pairs: list[voc.Pair]):
 
 
 def ray_storage(output: str):
-    """(storage_path, storage_filesystem) for Ray Train's own run files, under ``OUT/_ray``."""
+    """(storage_path, storage_filesystem) for Ray Train's run and checkpoints, under ``OUT/_ray``."""
     if not storage.is_remote(output):
-        return storage.join(storage.normalize(output), "_ray"), None
+        return storage.join(storage.normalize(output), RAY_FOLDER), None
     import pyarrow.fs
 
     fs, path = storage.filesystem(output)
-    return f"{path}/_ray", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return f"{path}/{RAY_FOLDER}", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def export_checkpoint(checkpoint, uri: str) -> None:
+    """A Ray Train checkpoint's files -> ``uri``: a keras-hub preset with metrics.json (plus the
+    optimiser slots and counters it resumes from)."""
+    with checkpoint.as_directory() as local:  # local storage: the folder itself; S3: a download
+        storage.upload_dir(local, uri)
 
 
 def run_train(cfg: TrainConfig, pairs: tuple[list[voc.Pair], list[voc.Pair]] | None = None) -> dict:
-    """Train, write metrics.json and the gallery. Ray must be initialised.
+    """Train, export best/ and last/ from Ray Train's result, write metrics.json and the gallery.
+    Ray must be initialised.
 
     ``pairs`` is what :func:`check_train_config` returned when the caller already checked
     (the CLI does, before starting Ray): checking reads every example, so not twice.
     """
+    from raydeeplab.recipe import STATE
+
     train_pairs, val_pairs = pairs or check_train_config(cfg)
     wait_until_cluster_fits(cfg)
     marker = user_error_uri(cfg.output)
     if storage.exists(marker):  # from an earlier run, whose data the user has since fixed
         storage.remove(marker)
     result = build_trainer(cfg, train_pairs, val_pairs).fit()
+    if result.checkpoint:  # also after a failure: the epochs trained so far stay loadable
+        export_checkpoint(result.get_best_checkpoint(SCORE, "max"), storage.join(cfg.output, BEST))
+        export_checkpoint(result.checkpoint, storage.join(cfg.output, LAST))
     if storage.exists(marker):
         raise UserError(storage.read_bytes(marker).decode())
     if result.error:
         raise result.error
-    committed = committed_checkpoints(cfg.output)
-    state = json.loads(storage.read_bytes(storage.join(committed[-1], STATE_FILE)))
+    state = json.loads(storage.read_bytes(storage.join(cfg.output, LAST, STATE)))
     storage.write_bytes(storage.join(cfg.output, METRICS), json.dumps(state, indent=2).encode())
     if cfg.gallery:
         from raydeeplab.evaluate import write_gallery

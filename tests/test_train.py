@@ -16,7 +16,15 @@ from raydeeplab.config import ConfigError, TrainConfig
 from raydeeplab.data import synthetic, voc
 from raydeeplab.data.transforms import resize_for_eval
 from raydeeplab.errors import UserError
-from raydeeplab.train import build_shuffled_pairs, check_train_config, placement_shortfall, run_train
+from raydeeplab.train import (
+    KEEP_CHECKPOINTS,
+    RUN_NAME,
+    build_shuffled_pairs,
+    check_train_config,
+    placement_shortfall,
+    ray_storage,
+    run_train,
+)
 
 SIZE = 64
 CLASSES = 4
@@ -44,6 +52,18 @@ def independent_confusion(model_uri: str, pairs: list[dict]) -> np.ndarray:
             for p in range(CLASSES):
                 matrix[t, p] += np.sum((truth == t) & (pred == p))
     return matrix
+
+
+def registered_checkpoints(output: str) -> list[tuple]:
+    """(checkpoint, metrics) of every checkpoint Ray Train lists for the run under ``output``,
+    as its public ``Result`` sees them (what the dashboard's Train view shows)."""
+    from ray.train import Result
+
+    path, filesystem = ray_storage(output)
+    try:
+        return Result.from_path(f"{path}/{RUN_NAME}", storage_filesystem=filesystem).best_checkpoints
+    except RuntimeError:  # no checkpoint registered yet
+        return []
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +105,26 @@ def test_two_workers_train_from_s3_and_report_exact_metrics(ray_local, voc_sbd_b
     assert np.abs(matrix - reference).sum() <= 0.001 * reference.sum()  # float noise may flip a few argmaxes
     iou = np.diag(reference) / (reference.sum(0) + reference.sum(1) - np.diag(reference))
     assert last["mean_iou"] == pytest.approx(np.nanmean(iou), abs=2e-3)
-    # best/ and last/ are presets predict can load; the gallery is a real PNG.
+    # Ray Train holds the checkpoints; best/ and last/ are exported presets predict can load.
+    registered = registered_checkpoints(cfg.output)
+    assert sorted(m["epoch"] for _, m in registered) == [1, 2]
+    best = json.loads(storage.read_bytes(f"{bucket}/run/best/metrics.json"))
+    assert best["mean_iou"] == max(m["mean_iou"] for _, m in registered)
     assert storage.exists(f"{bucket}/run/best/config.json")
     assert storage.read_bytes(f"{bucket}/run/gallery.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # Rerunning a finished command resumes from its last checkpoint instead of starting over.
+    # Rerunning a finished command resumes from its last checkpoint instead of starting over,
+    # and never from a folder Ray Train did not register (here: an upload cut short, named newest).
+    storage.write_bytes(f"{bucket}/run/_ray/{RUN_NAME}/checkpoint_9999-12-31_23-59-59.999999/state.json", b'{"epo')
     again = run_train(train_config(cfg.data, cfg.output, sbd=cfg.sbd, batch_size=4, epochs=3))
     assert [h["epoch"] for h in again["history"]] == [1, 2, 3]
     assert again["resumed_at_epochs"] == [2]
     assert again["history"][:2] == history
+    # Ray Train keeps the best KEEP_CHECKPOINTS by mean IoU plus the newest, and deletes the rest.
+    kept = registered_checkpoints(cfg.output)
+    assert 3 in [m["epoch"] for _, m in kept] and len(kept) <= KEEP_CHECKPOINTS + 1
+    folders = storage.list_files(f"{bucket}/run/_ray/{RUN_NAME}", ("metrics.json",))
+    assert len(folders) == len(kept)
 
 
 def ray_train_worker_pids() -> list[int]:
@@ -115,9 +146,8 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
     result = {}
     runner = threading.Thread(target=lambda: result.update(state=run_train(cfg)))
     runner.start()
-    first = tmp_path / "run" / "checkpoints" / "epoch_0001" / "state.json"
     deadline = time.monotonic() + 300
-    while not first.exists():
+    while not registered_checkpoints(cfg.output):  # epoch 1 is checkpointed
         assert runner.is_alive() and time.monotonic() < deadline, "training ended or stalled before epoch 1"
         time.sleep(0.2)
     victims = ray_train_worker_pids()
@@ -177,7 +207,7 @@ def test_a_user_error_inside_a_worker_ends_the_run_at_once_with_the_file_named(r
     with pytest.raises(UserError, match=f"{broken}: ") as caught:
         run_train(cfg)
     assert "Traceback" not in str(caught.value) and "\n" not in str(caught.value)
-    assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped in epoch 1
+    assert not registered_checkpoints(cfg.output) and not (tmp_path / "run" / "last").exists()  # stopped in epoch 1
     print(f"user error reported after {time.monotonic() - started:.0f}s")
 
 
