@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -405,6 +406,49 @@ def export_checkpoint(checkpoint, uri: str) -> None:
         storage.upload_dir(local, uri)
 
 
+PROGRESS_EVERY_S = 30.0
+
+
+@contextlib.contextmanager
+def epoch_progress(cfg: TrainConfig, every_s: float = PROGRESS_EVERY_S, poll_s: float = 5.0):
+    """While ``fit()`` runs, print the newest epoch's scores at most every ``every_s``.
+
+    The driver hears nothing from Ray Train until the run ends, so it reads the metrics.json
+    of the checkpoints the run registers (a plain line, whether or not stdout is a TTY).
+    """
+    run_dir = storage.join(cfg.output, RAY_FOLDER, RUN_NAME)
+
+    def reported() -> set[str]:
+        return set(storage.list_files(run_dir, (METRICS,))) if storage.exists(run_dir) else set()
+
+    seen, stop = reported(), threading.Event()
+
+    def watch() -> None:
+        last = time.monotonic()
+        while not stop.wait(poll_s):
+            new = sorted(reported() - seen) if time.monotonic() - last >= every_s else []
+            try:  # checkpoint folders sort by time: the last one is the newest epoch
+                metrics = json.loads(storage.read_bytes(new[-1])) if new else None
+            except (OSError, ValueError):
+                continue  # still uploading: the next poll reads it whole
+            if metrics:
+                seen.update(new)
+                last = time.monotonic()
+                print(
+                    f"raydeeplab train: epoch {metrics['epoch']}/{cfg.epochs}: loss {metrics['loss']:.3f}, "
+                    f"validation mean IoU {metrics['mean_iou']:.3f}, {metrics['images_per_second']:.1f} img/s",
+                    flush=True,
+                )
+
+    watcher = threading.Thread(target=watch, name="epoch-progress", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
+
+
 def run_train(cfg: TrainConfig, pairs: tuple[list[voc.Pair], list[voc.Pair]] | None = None) -> dict:
     """Train, export best/ and last/ from Ray Train's result, write metrics.json and the gallery.
     Ray must be initialised.
@@ -419,7 +463,8 @@ def run_train(cfg: TrainConfig, pairs: tuple[list[voc.Pair], list[voc.Pair]] | N
     marker = user_error_uri(cfg.output)
     if storage.exists(marker):  # from an earlier run, whose data the user has since fixed
         storage.remove(marker)
-    result = build_trainer(cfg, train_pairs, val_pairs).fit()
+    with epoch_progress(cfg):
+        result = build_trainer(cfg, train_pairs, val_pairs).fit()
     if result.checkpoint:  # also after a failure: the epochs trained so far stay loadable
         export_checkpoint(result.get_best_checkpoint(SCORE, "max"), storage.join(cfg.output, BEST))
         export_checkpoint(result.checkpoint, storage.join(cfg.output, LAST))

@@ -251,3 +251,26 @@ def test_training_from_random_weights_says_so(tmp_path, capsys):
     synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")
     check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out"), batch_size=2))
     assert "training starts from random weights" in capsys.readouterr().err
+
+
+def test_epoch_lines_appear_while_training_runs(tmp_path, capsys):
+    """The driver prints each newly registered epoch's scores (read from the run's checkpoints),
+    and never a half-written metrics.json."""
+    from raydeeplab.train import RAY_FOLDER, RUN_NAME, epoch_progress
+
+    cfg = train_config("d", str(tmp_path), epochs=3)
+    run = tmp_path / RAY_FOLDER / RUN_NAME
+    (run / "checkpoint_2026-01-01_00-00-00.000000").mkdir(parents=True)  # from an earlier run: not repeated
+    (run / "checkpoint_2026-01-01_00-00-00.000000" / "metrics.json").write_text('{"epoch": 1}')
+    with epoch_progress(cfg, every_s=0.0, poll_s=0.05):
+        for epoch, text in [(2, '{"epoch": 2, "loss": 0.5'), (2, None), (3, None)]:
+            folder = run / f"checkpoint_2026-01-01_00-00-0{epoch}.000000"
+            folder.mkdir(exist_ok=True)
+            metrics = {"epoch": epoch, "loss": 1.0 / epoch, "mean_iou": 0.1 * epoch, "images_per_second": 9.5}
+            (folder / "metrics.json").write_text(text or json.dumps(metrics))
+            time.sleep(0.5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "raydeeplab train: epoch 2/3: loss 0.500, validation mean IoU 0.200, 9.5 img/s",
+        "raydeeplab train: epoch 3/3: loss 0.333, validation mean IoU 0.300, 9.5 img/s",
+    ]
