@@ -68,15 +68,15 @@ def cluster(moto_s3, tmp_path_factory):
         monkeypatch.undo()
 
 
-def submit(cluster, *entrypoint: str) -> str:
-    """`ray job submit --no-wait` with the repo as working dir; returns the job id."""
+def submit(cluster, *entrypoint: str, working_dir: str = REPO) -> str:
+    """`ray job submit --no-wait` (the repo as working dir by default); returns the job id."""
     runtime_env = {
         "env_vars": {
             k: os.environ[k]
             for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
         }
     }
-    command = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", REPO, "--no-wait",
+    command = [RAY, "job", "submit", "--address", cluster["address"], "--working-dir", working_dir, "--no-wait",
                "--runtime-env-json", json.dumps(runtime_env), "--", "python", *entrypoint]  # fmt: skip
     for _ in range(30):  # the head's job agent comes up a few seconds after the dashboard
         out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
@@ -184,3 +184,16 @@ def test_training_that_cannot_fit_the_cluster_fails_at_once_saying_what_is_missi
     assert "--workers 2 need 1 CPU each on one node, plus 1 CPU for data loading" in out.stderr
     assert "the cluster's nodes have 2 CPU" in out.stderr and "no CPU left for data loading" in out.stderr
     assert time.monotonic() - started < 120
+
+
+def test_relative_paths_in_a_submitted_job_mean_the_jobs_working_dir(cluster, tmp_path):
+    """`ray job submit --working-dir .` from a project folder: ./images is the uploaded copy."""
+    project = tmp_path / "project"
+    shutil.copytree(os.path.join(REPO, "jobs"), project / "jobs")
+    write_photos(str(project / "images"), 3)
+    job = submit(cluster, "jobs/batch_infer.py", "--input", "images", "--output", "out", "--model", "tiny",
+                 "--image-size", "64", "--batch-size", "2", working_dir=str(project))  # fmt: skip
+    assert wait(cluster, job) == "SUCCEEDED", cluster["client"].get_job_logs(job)
+    logs = cluster["client"].get_job_logs(job)
+    assert "raydeeplab predict: 3 ok, 0 failed" in logs, logs
+    assert not (project / "out").exists()  # written in the job's own copy, not the submitter's folder
