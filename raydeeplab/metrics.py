@@ -1,8 +1,8 @@
-"""Segmentation metrics from one streaming confusion matrix.
+"""Segmentation metrics from one confusion matrix.
 
-Every worker accumulates its own ``(n, n)`` int64 matrix; matrices are summed (they
-travel as plain nested lists through Ray) and the scores are computed once from the
-sum. That is the exact mean IoU over the whole set, not an average of per-worker means.
+Counts are made where the pixels are (per batch in evaluation's Ray Data tasks, per batch on
+the device in training), summed as int64 matrices, and scored once from the sum: the exact
+mean IoU over the whole set, not an average of per-batch or per-worker means.
 """
 
 from __future__ import annotations
@@ -47,26 +47,14 @@ class ConfusionMatrix:
                 raise ValueError(f"{name} has class value {bad} outside [0, {n})")
         self.matrix += np.bincount(n * t + p, minlength=n * n).reshape(n, n)
 
-    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        """Add ``other``'s counts into this matrix (in place); returns ``self``."""
-        if other.num_classes != self.num_classes:
-            raise ValueError(
-                f"cannot merge {other.num_classes}-class counts into {self.num_classes} classes"
-            )
-        self.matrix += other.matrix
-        return self
-
-    def __add__(self, other: ConfusionMatrix) -> ConfusionMatrix:
-        return self.copy().merge(other)
-
-    def __radd__(self, other: Any) -> ConfusionMatrix:
-        if isinstance(other, int) and other == 0:  # lets the builtin sum() start from 0
-            return self.copy()
-        return NotImplemented
-
-    def copy(self) -> ConfusionMatrix:
-        out = ConfusionMatrix(self.num_classes, self.ignore_label)
-        out.matrix = self.matrix.copy()
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray, ignore_label: int = IGNORE_LABEL) -> ConfusionMatrix:
+        """Scores for counts made elsewhere (on the device, summed over batches)."""
+        matrix = np.asarray(matrix, np.int64)
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+            raise ValueError(f"expected a square (n, n) matrix, got shape {matrix.shape}")
+        out = cls(matrix.shape[0], ignore_label)
+        out.matrix = matrix
         return out
 
     def compute(self) -> dict[str, Any]:
@@ -97,22 +85,3 @@ class ConfusionMatrix:
             "mean_accuracy": float(recall[present].mean()) if present.any() else float("nan"),
             "pixels": int(total),
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON- and Ray-friendly form (``matrix`` as nested lists of ints)."""
-        return {
-            "num_classes": self.num_classes,
-            "ignore_label": self.ignore_label,
-            "matrix": self.matrix.tolist(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConfusionMatrix:
-        out = cls(data["num_classes"], data.get("ignore_label", IGNORE_LABEL))
-        matrix = np.asarray(data["matrix"], np.int64)
-        if matrix.shape != out.matrix.shape:
-            raise ValueError(
-                f"matrix shape {matrix.shape} does not match num_classes={out.num_classes}"
-            )
-        out.matrix = matrix
-        return out

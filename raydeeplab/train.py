@@ -295,7 +295,7 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
         for images, masks in val_batches(shard_pairs, cfg.image_size, per_worker, cfg.num_classes):
             model.test_on_batch(images, masks)  # resets the metric first: read each batch's counts
             matrix += recipe.confusion_matrix(metric)
-        scores = ConfusionMatrix.from_dict({"num_classes": cfg.num_classes, "matrix": matrix}).compute()
+        scores = ConfusionMatrix.from_matrix(matrix).compute()
 
         metrics = {
             "epoch": epoch + 1,
