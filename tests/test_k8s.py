@@ -591,30 +591,13 @@ def test_example_secret_holds_only_placeholders():
 # ---------------------------------------------------------------- Dockerfile
 
 
-def parse_dockerfile(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) per instruction; continuation lines joined, comments dropped."""
-    instructions, pending = [], ""
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue  # Docker also drops comment and blank lines inside a continuation
-        if stripped.endswith("\\"):
-            pending += stripped[:-1] + " "
-            continue
-        keyword, _, arguments = (pending + stripped).partition(" ")
-        pending = ""
-        if keyword.upper() not in DOCKERFILE_INSTRUCTIONS:
-            raise ValueError(f"Dockerfile line {number}: unknown instruction {keyword!r}")
-        instructions.append((keyword.upper(), arguments.strip()))
-    if pending:
-        raise ValueError("Dockerfile ends inside a line continuation")
-    if not instructions or instructions[0][0] != "FROM":
-        raise ValueError(f"Dockerfile must start with FROM, got {instructions[:1]}")
-    return instructions
-
-
 def dockerfile() -> list[tuple[str, str]]:
-    return parse_dockerfile((REPO / "Dockerfile").read_text())
+    """(INSTRUCTION, arguments) of the repository's Dockerfile, as dockerfile-parse reads it
+    (continuation lines joined, comments dropped)."""
+    from dockerfile_parse import DockerfileParser
+
+    structure = DockerfileParser(path=str(REPO / "Dockerfile")).structure
+    return [(item["instruction"], item["value"]) for item in structure if item["instruction"] != "COMMENT"]
 
 
 def dockerfile_base() -> dict[str, str]:
@@ -625,13 +608,10 @@ def dockerfile_base() -> dict[str, str]:
     return match.groupdict()
 
 
-def test_dockerfile_parser_rejects_what_docker_would():
-    with pytest.raises(ValueError, match="unknown instruction 'FORM'"):
-        parse_dockerfile("FORM rayproject/ray:2.60.0-py311-gpu\n")
-    with pytest.raises(ValueError, match="must start with FROM"):
-        parse_dockerfile("RUN true\nFROM scratch\n")
-    with pytest.raises(ValueError, match="continuation"):
-        parse_dockerfile("FROM scratch\nRUN true \\\n")
+def test_dockerfile_is_made_of_known_instructions_from_one_base():
+    instructions = [instruction for instruction, _ in dockerfile()]
+    assert instructions[0] == "FROM", instructions
+    assert set(instructions) <= DOCKERFILE_INSTRUCTIONS, set(instructions) - DOCKERFILE_INSTRUCTIONS
 
 
 def test_dockerfile_python_is_one_the_project_supports():
