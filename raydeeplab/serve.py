@@ -22,7 +22,7 @@ import io
 import logging
 import os
 import time
-from email.message import Message
+from collections.abc import AsyncIterator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -30,6 +30,8 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raydeeplab import telemetry
 from raydeeplab.config import ConfigError
@@ -85,50 +87,41 @@ def device_batch_sizes(max_batch_size: int) -> list[int]:
     return sorted(sizes)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past ``limit`` bytes (declared or actually sent)."""
+async def capped_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
+    """The request body's chunks, refused with 413 past ``limit`` bytes (declared or actually
+    sent), before more than ``limit`` bytes are read."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
             raise HTTPException(400, f"bad Content-Length header {declared!r}")
         if int(declared) > limit:
             raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
-    chunks, size = [], 0
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:  # chunked uploads declare nothing: count what arrives
             raise HTTPException(413, f"body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        yield chunk
 
 
-def header_param(header: str, value: str, param: str) -> str | None:
-    message = Message()
-    message[header] = value
-    found = message.get_param(param, header=header)
-    return found if isinstance(found, str) or found is None else str(found[2])
-
-
-def image_bytes(body: bytes, content_type: str, field: str = "image") -> bytes:
-    """The image's bytes: the multipart ``field`` for form uploads, else the whole body."""
-    if not content_type.lower().startswith("multipart/form-data"):
-        return body
-    boundary = header_param("content-type", content_type, "boundary")
-    if not boundary:
-        raise HTTPException(400, "multipart body without a boundary")
-    # Each part follows CRLF--boundary; prefixing CRLF lets the first one match too.
-    for part in (b"\r\n" + body).split(b"\r\n--" + boundary.encode("latin-1"))[1:]:
-        if part.startswith(b"--"):
-            break  # the closing delimiter
-        head, found, content = part.partition(b"\r\n\r\n")
-        if not found:
-            continue
-        for line in head.decode("latin-1").split("\r\n"):
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-disposition":
-                if header_param("content-disposition", value.strip(), "name") == field:
-                    return content
-    raise HTTPException(400, f"multipart body has no {field!r} field")
+async def read_image(request: Request, limit: int, field: str = "image") -> bytes:
+    """The image's bytes: the multipart ``field`` of a form upload (Starlette's parser), else
+    the whole body; either way at most ``limit`` bytes are read."""
+    body = capped_stream(request, limit)
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        return b"".join([chunk async for chunk in body])
+    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=16, max_part_size=limit)
+    try:
+        form = await parser.parse()
+    except MultiPartException as err:
+        raise HTTPException(400, f"bad multipart body: {err.message}") from None
+    upload = form.get(field)
+    if not isinstance(upload, UploadFile):
+        raise HTTPException(400, f"multipart body has no {field!r} file field")
+    try:
+        return await upload.read()
+    finally:
+        await form.close()
 
 
 def prepare(data: bytes, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -326,8 +319,7 @@ class SegmenterDeployment:
         self.authorize(request)
         if output not in FORMATS:
             raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}, got {output!r}")
-        body = await read_body(request, self.args.max_body_bytes)
-        data = image_bytes(body, request.headers.get("content-type", ""))
+        data = await read_image(request, self.args.max_body_bytes)
         try:
             image, small = await asyncio.to_thread(
                 prepare, data, self.loaded.info.image_size, self.args.max_pixels
