@@ -107,17 +107,29 @@ def completed_inputs(output: str) -> set[str]:
 def check_predict_config(cfg: PredictConfig):
     """Every check that needs no cluster: fails fast with the flag's name. Returns the ModelInfo."""
     cfg.validate()
-    if not storage.exists(cfg.input):
-        raise ConfigError(f"--input {cfg.input}: no such file or folder")
-    if not is_manifest(cfg.input):
-        if storage.is_inside(cfg.output, cfg.input):
+    with storage.reaching("--input", cfg.input, "read"):
+        storage.check_reachable(cfg.input)
+        if not storage.exists(cfg.input):
+            raise ConfigError(f"--input {cfg.input}: {storage.why_missing(cfg.input)}")
+        folder = not is_manifest(cfg.input)
+        if folder and not storage.has_files(cfg.input, IMAGE_EXTENSIONS):
             raise ConfigError(
-                f"--output {cfg.output} is inside --input {cfg.input}: "
-                "outputs would be read back as inputs"
+                f"--input {cfg.input}: no images under it ({', '.join(IMAGE_EXTENSIONS)}); "
+                "check the path or prefix, or pass a manifest"
             )
-    from raydeeplab.model import describe_model  # keras-hub: imported where needed, not by CPU stages
+    if folder and storage.is_inside(cfg.output, cfg.input):
+        raise ConfigError(
+            f"--output {cfg.output} is inside --input {cfg.input}: outputs would be read back as inputs"
+        )
+    from raydeeplab.model import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
 
-    return describe_model(cfg.model, cfg.num_classes, cfg.image_size)
+    info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
+    # 21 is also the default: only another value shows that the user asked for one
+    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "num_classes")
+    check_sizes_agree(cfg.model, info, None if cfg.num_classes == default else cfg.num_classes, cfg.image_size)
+    with storage.reaching("--output", cfg.output, "write"):  # last: a failed check leaves no folder behind
+        storage.check_writable(cfg.output)
+    return info
 
 
 # ---------------------------------------------------------------- pipeline stages

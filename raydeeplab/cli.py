@@ -193,10 +193,13 @@ VERBS = {
 
 
 def root_cause(err: BaseException) -> BaseException:
-    """The innermost exception with a message: Ray wraps a worker's error in task, actor and
-    worker-group errors, and Ray Data adds an empty ``SystemException`` as the cause."""
+    """The first :class:`UserError` (it already says what to do), else the innermost exception with
+    a message: Ray wraps a worker's error in task, actor and worker-group errors, and Ray Data
+    adds an empty ``SystemException`` as the cause."""
     found, seen = err, set()
     while isinstance(err, BaseException) and id(err) not in seen:
+        if isinstance(err, UserError):
+            return err
         seen.add(id(err))
         found = err if str(err).strip() else found
         cause = getattr(err, "cause", None)  # RayTaskError: the task's own exception
@@ -218,29 +221,38 @@ def failure_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130  # README: Troubleshooting
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one verb; every way it can end is one line on stderr and an exit code (``-v``: the
+    traceback first)."""
     args = build_parser().parse_args(argv)
-    set_up_environment(args.verbose)
     try:
+        set_up_environment(args.verbose)
         return VERBS[args.verb](args)
-    except UserError as err:
-        print(f"raydeeplab {args.verb}: error: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # one line, not each worker's traceback; -v shows them all
+    except KeyboardInterrupt:  # Ctrl-C: Ray, if started here, stops with this process
+        return report(args.verb, "interrupted (Ctrl-C); outputs written so far are kept", EXIT_INTERRUPTED)
+    except Exception as err:  # one line, not each worker's traceback
         cause = root_cause(err)
-        if isinstance(cause, UserError):
-            print(f"raydeeplab {args.verb}: error: {cause}", file=sys.stderr)
-            return 2
-        if verbose():
-            raise
         import ray
 
-        logs = f"Ray's logs in {log_folder()}" if ray.is_initialized() else "Ray was not started"
-        print(
-            f"raydeeplab {args.verb}: failed: {failure_line(cause)} ({logs}; rerun with -v for every traceback)",
-            file=sys.stderr,
-        )
-        return 1
+        started = ray.is_initialized()
+        if isinstance(cause, UserError):
+            where = f" (raised in a Ray worker; its trace is in Ray's logs in {log_folder()})" if cause is not err and started else ""
+            return report(args.verb, f"error: {cause}{where}", EXIT_USER_ERROR)
+        logs = f"Ray's logs in {log_folder()}" if started else "Ray was not started"
+        return report(args.verb, f"failed: {failure_line(cause)} ({logs}; rerun with -v for every traceback)", EXIT_FAILED)
+
+
+def report(verb: str, line: str, code: int) -> int:
+    """``raydeeplab <verb>: <line>`` on stderr, after the traceback when verbose; returns ``code``."""
+    if verbose() and sys.exc_info()[0] is not None:
+        import traceback
+
+        traceback.print_exc()
+    print(f"raydeeplab {verb}: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

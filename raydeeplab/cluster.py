@@ -83,6 +83,11 @@ def job_env_vars() -> dict:
     return job.get("runtime_env", {}).get("env_vars", {})
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether :func:`init_ray` starts Ray on this machine rather than joining a cluster."""
+    return (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
+
+
 def init_ray(address: str | None, min_cpus: int | None = None) -> None:
     """Connect to (or start) Ray, passing the environment workers need to behave like the driver.
 
@@ -96,8 +101,7 @@ def init_ray(address: str | None, min_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ and k not in job_env_vars()}
-    starts_local = (address or os.environ.get("RAY_ADDRESS")) in (None, "", "local")
-    cpus = max(min_cpus, os.cpu_count() or 1) if (min_cpus and starts_local) else None
+    cpus = max(min_cpus, os.cpu_count() or 1) if (min_cpus and starts_local(address)) else None
     loud = verbose()
     ray.init(
         address=address, num_cpus=cpus, runtime_env={"env_vars": env}, log_to_driver=loud,

@@ -5,7 +5,10 @@ value is checked before any cluster work: the error names the flag and the value
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
+import types
+import typing
 from typing import Any, TypeVar
 
 import yaml
@@ -61,18 +64,36 @@ class PredictConfig:
 
 
 def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T:
-    """Build a config dataclass; unknown keys fail loudly instead of being ignored."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {sorted(fields)}")
-    required = [
-        f.name for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.name not in values
-    ]  # fmt: skip
+    """Build a config dataclass; unknown keys and values of the wrong type fail loudly (before
+    ``validate()`` compares them) instead of being ignored or crashing later."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in sorted(set(values) - set(fields)):
+        close = difflib.get_close_matches(key, fields, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"{source}: unknown key {key!r}; {hint}the keys are {', '.join(fields)}")
+    required = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in values]
     if required:
         raise ConfigError(f"missing {', '.join(flag(name) for name in required)} (from {source})")
-    return cls(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: checked_type(key, value, hints[key], fields[key].default, source) for key, value in values.items()})
+
+
+EXPECTED = {int: "a whole number", float: "a number", str: "a string"}
+
+
+def checked_type(key: str, value: Any, annotation: Any, default: Any, source: str) -> Any:
+    """``value`` if it fits ``annotation`` (``int``, ``float``, ``str``, ``X | None``); an int
+    where a float is expected becomes a float. YAML can hold anything: ``batch_size: "many"``."""
+    allowed = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if value is None and type(None) in allowed:
+        return value
+    if float in allowed and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if any(isinstance(value, t) and not (isinstance(value, bool) and t is not bool) for t in allowed):
+        return value
+    expected = " or ".join(EXPECTED.get(t, "null" if t is type(None) else t.__name__) for t in allowed)
+    example = f" (e.g. {key}: {default})" if default not in (None, dataclasses.MISSING) else ""
+    raise ConfigError(f"{source}: {key} must be {expected}{example}, got {value!r}")
 
 
 def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
@@ -83,15 +104,27 @@ def load_config(cls: type[T], path: str | None, overrides: dict[str, Any]) -> T:
     """
     values: dict[str, Any] = {}
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"--config {path}: no such file")
+        values.update(read_yaml(path))
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return from_dict(cls, absolute_paths(values), source=f"--config {path}" if path else "flags")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A YAML file's top-level mapping; syntax errors name the file, line and column."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {path}: expected a mapping of keys to values")
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return from_dict(cls, absolute_paths(values), source=path or "flags")
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ConfigError(
+            f"--config {path}: YAML syntax error at line {mark.line + 1}, column {mark.column + 1}: "
+            f"{err.problem}; fix the file (one 'key: value' per line)"
+        ) from err
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of keys to values (key: value lines)")
+    return {str(k).replace("-", "_"): v for k, v in loaded.items()}
 
 
 LAYOUTS = ("auto", "voc", "sbd", "generic")

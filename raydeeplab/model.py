@@ -23,7 +23,7 @@ import keras_hub
 
 from raydeeplab import storage
 from raydeeplab.data.images import VOC_CLASSES
-from raydeeplab.errors import UserError
+from raydeeplab.errors import UserError, cause_text
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -215,8 +215,8 @@ def check_model_spec(spec: str) -> None:
     if spec in architectures():
         return
     if storage.is_remote(spec) or os.path.isdir(spec):
-        if not storage.exists(storage.join(spec, "config.json")):
-            raise ModelError(f"--model {spec}: not a keras-hub preset (no config.json)")
+        with storage.reaching("--model", spec):
+            check_preset_folder(spec)
         return
     if spec in keras_hub.models.ImageSegmenter.presets:
         return
@@ -224,6 +224,36 @@ def check_model_spec(spec: str) -> None:
         f"--model {spec!r} is not an architecture ({', '.join(architectures())}), "
         "a preset directory, an s3:// preset or a keras-hub segmenter preset"
     )
+
+
+PRESET_FILES = ("config.json", "task.json", "image_converter.json", "model.weights.h5")
+RESAVE = "save it again (raydeeplab model create, or a training run's best/ folder) or copy it whole"
+
+
+def check_preset_folder(spec: str) -> None:
+    """Every file ``from_preset`` reads is there, and a local weights file opens (a copy cut
+    short is an HDF5 file whose end is missing); reading the weights is left to the actors."""
+    if not storage.exists(storage.join(spec, "config.json")):
+        raise ModelError(f"--model {spec}: not a keras-hub preset (no config.json)")
+    if storage.exists(storage.join(spec, "task.json")):
+        task = read_preset_json(spec, "task.json", folder=True)
+        segmenter = getattr(keras_hub.models, str(task.get("class_name")), None)
+        if not (isinstance(segmenter, type) and issubclass(segmenter, keras_hub.models.ImageSegmenter)):
+            raise ModelError(
+                f"--model {spec}: a {task.get('class_name')} preset, not an image segmenter; "
+                "pass a DeepLabV3 or SegFormer segmenter preset or an architecture name"
+            )
+    missing = [name for name in PRESET_FILES if not storage.exists(storage.join(spec, name))]
+    if missing:
+        raise ModelError(f"--model {spec}: incomplete preset, {', '.join(missing)} missing; {RESAVE}")
+    if not storage.is_remote(spec):
+        import h5py
+
+        weights = os.path.join(spec, "model.weights.h5")
+        try:
+            h5py.File(weights, "r").close()
+        except OSError as err:
+            raise ModelError(f"--model {spec}: model.weights.h5 is unreadable or truncated ({err}); {RESAVE}") from err
 
 
 @dataclass(frozen=True)
@@ -246,18 +276,45 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
         size = image_size or default_image_size(spec)
         return ModelInfo(num_classes, size, tuple(class_names(num_classes)))
     folder = storage.is_remote(spec) or os.path.isdir(spec)
-    if folder:
-        read = lambda name: json.loads(storage.read_bytes(storage.join(spec, name)))  # noqa: E731
-    else:
-        from keras_hub.src.utils.preset_utils import load_json  # downloads a hub preset's JSON
-
-        read = lambda name: load_json(spec, name)  # noqa: E731
-    task = read("task.json")["config"]
-    size = int(read("image_converter.json")["config"]["image_size"][0])
-    names = class_names(task["num_classes"])
+    task = read_preset_json(spec, "task.json", folder)
+    size = int(read_preset_json(spec, "image_converter.json", folder)["config"]["image_size"][0])
+    names = class_names(task["config"]["num_classes"])
     if folder and storage.exists(storage.join(spec, SIDECAR)):
-        names = read(SIDECAR)["class_names"]
-    return ModelInfo(task["num_classes"], size, tuple(names))
+        names = read_preset_json(spec, SIDECAR, folder)["class_names"]
+    return ModelInfo(task["config"]["num_classes"], size, tuple(names))
+
+
+def check_sizes_agree(spec: str, info: ModelInfo, num_classes: int | None, image_size: int | None) -> None:
+    """``--num-classes``/``--image-size`` the user gave (``None``: not given) must agree with a
+    preset: they only size architectures, and would otherwise be ignored without a word."""
+    if spec in architectures():
+        return
+    for name, given, own in (("num-classes", num_classes, info.num_classes), ("image-size", image_size, info.image_size)):
+        if given is not None and given != own:
+            raise ModelError(
+                f"--{name} {given} disagrees with --model {spec}, which has {own}; drop --{name} "
+                "(a preset carries its own) or fine-tune the preset with raydeeplab train"
+            )
+
+
+def read_preset_json(spec: str, name: str, folder: bool) -> dict:
+    """One JSON file of a preset folder, or of a keras-hub preset (downloaded: needs internet)."""
+    if folder:
+        with storage.reaching("--model", spec):
+            text = storage.read_bytes(storage.join(spec, name))
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise ModelError(f"--model {spec}: {name} is not valid JSON, the preset is truncated ({err}); {RESAVE}") from err
+    from keras_hub.src.utils.preset_utils import load_json
+
+    try:
+        return load_json(spec, name)
+    except OSError as err:  # requests' and kagglehub's errors are OSErrors
+        raise ModelError(
+            f"--model {spec}: cannot download this keras-hub preset ({cause_text(err)}); hub names need "
+            "internet: on a machine without it, copy the preset folder here or to s3:// and pass its path"
+        ) from err
 
 
 def local_preset(spec: str, cache_dir: str | None = None) -> str:
@@ -313,7 +370,12 @@ def load_model(
         model = build_segmenter(spec, num_classes, image_size or default_image_size(spec))
         return model if dtype is None else rebuild_with_dtype(model, dtype)
     kwargs = {"dtype": dtype} if dtype else {}
-    return keras_hub.models.ImageSegmenter.from_preset(local_preset(spec, cache_dir), **kwargs)
+    with storage.reaching("--model", spec):
+        folder = local_preset(spec, cache_dir)
+    try:
+        return keras_hub.models.ImageSegmenter.from_preset(folder, **kwargs)
+    except (OSError, ValueError) as err:  # an h5 cut short; weights of another architecture or size
+        raise ModelError(f"--model {spec}: cannot load the preset ({cause_text(err)}); {RESAVE}") from err
 
 
 def rebuild_with_dtype(model, dtype: str):

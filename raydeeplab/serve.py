@@ -43,7 +43,7 @@ from raydeeplab.data.images import (
     resize_image,
     resize_mask,
 )
-from raydeeplab.serve_args import Knobs, ServeArgs, serve_args_from_flags
+from raydeeplab.serve_args import Knobs, ServeArgs, check_port_free, serve_args_from_flags
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
 
@@ -407,12 +407,14 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
     import ray
 
-    from raydeeplab.cluster import init_ray
-    from raydeeplab.model import check_model_spec
+    from raydeeplab.cluster import init_ray, starts_local
+    from raydeeplab.model import check_sizes_agree, describe_model
 
     ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
-    check_model_spec(args.model)
+    check_sizes_agree(args.model, describe_model(args.model), args.num_classes, args.image_size)
     read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
+    if starts_local(args.address):  # on a cluster, the port is the head node's
+        check_port_free(args.host, args.port)
     init_ray(args.address)
     application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))
     serve.start(http_options={"host": args.host, "port": args.port})

@@ -7,7 +7,9 @@ imports neither Ray Serve, FastAPI, Keras nor TensorFlow.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import socket
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -118,3 +120,15 @@ def serve_args_from_flags(args: argparse.Namespace, cluster_gpus: float = 0.0) -
             "target_ongoing_requests": values.get("max_batch_size", ServeArgs().max_batch_size),
         }
     return values
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` as Serve's proxy will, so a port taken by another server fails here,
+    in one line, instead of inside Ray after the cluster has started."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            cause = "already in use (another server, or an earlier raydeeplab serve)" if err.errno == errno.EADDRINUSE else err.strerror
+            raise ConfigError(f"--port {port} on {host}: {cause}; stop that process or pick another --port") from err

@@ -7,6 +7,8 @@ storage behave the same. Writes are atomic: a reader never sees a half-written f
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 import re
@@ -14,6 +16,8 @@ import uuid
 from typing import Iterator
 
 import fsspec
+
+from raydeeplab.errors import UserError, cause_text
 
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 DRIVE = re.compile(r"^[A-Za-z]:")  # C: - on Windows, joining it drops everything before it
@@ -27,8 +31,11 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URI; S3 honours ``AWS_ENDPOINT_URL``."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get(S3_ENDPOINT_ENV)
+        # AWS's "standard" retries (3 attempts, ~2 s in all) unless AWS_RETRY_MODE says otherwise:
+        # botocore's legacy default spends 10 s on an endpoint that is simply not there.
+        retries = {} if "AWS_RETRY_MODE" in os.environ else {"retries": {"mode": "standard"}}
         fs = fsspec.filesystem(
-            "s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {}
+            "s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {}, config_kwargs=retries
         )
         return fs, uri[len("s3://") :].rstrip("/") if uri != "s3://" else ""
     if is_remote(uri):
@@ -184,3 +191,99 @@ def iter_lines(uri: str) -> Iterator[str]:
             line = line.strip()
             if line:
                 yield line
+
+
+# ---------------------------------------------------------------- errors a user can fix
+
+
+class StorageError(UserError):
+    """A folder or bucket that cannot be reached, read or written; says which and what to do."""
+
+
+CREDENTIALS_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+DENIED = {"AccessDenied", "AllAccessDisabled", "403", "Forbidden"}
+CREDENTIAL_VARIABLES = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+NEEDS = {"read": "s3:GetObject and s3:ListBucket", "write": "s3:PutObject"}
+
+
+def explain(err: BaseException, uri: str, access: str) -> str | None:
+    """Plain words for why ``uri`` could not be reached, and what to do; ``None`` when ``err`` is
+    not about reaching storage. ``access`` is "read" or "write"."""
+    import botocore.exceptions as boto
+
+    chain = [err]  # s3fs raises PermissionError from botocore's ClientError, which has the code
+    while (nested := chain[-1].__cause__ or chain[-1].__context__) is not None and nested not in chain:
+        chain.append(nested)
+    codes = [e.response.get("Error", {}).get("Code") for e in chain if isinstance(getattr(e, "response", None), dict)]
+    code = str(codes[0]) if codes else None
+    endpoint = os.environ.get(S3_ENDPOINT_ENV) or "AWS"
+    if any(isinstance(e, (boto.NoCredentialsError, boto.PartialCredentialsError)) for e in chain):
+        return f"no object-store credentials found; set {CREDENTIAL_VARIABLES}"
+    if code in CREDENTIALS_REFUSED:
+        return f"the object store at {endpoint} refused the credentials ({code}); check {CREDENTIAL_VARIABLES}"
+    if code == "NoSuchBucket":
+        return why_missing(uri)
+    if any(isinstance(e, (boto.EndpointConnectionError, boto.ConnectTimeoutError)) for e in chain):
+        return f"cannot reach the object store at {endpoint} ({cause_text(err)}); check AWS_ENDPOINT_URL and the network"
+    if code in DENIED or (is_remote(uri) and isinstance(err, PermissionError)):
+        return f"access denied on {access} ({code or cause_text(err)}); these credentials need {NEEDS[access]} there"
+    if isinstance(err, PermissionError) or getattr(err, "errno", None) == errno.EROFS:
+        return f"cannot {access} here ({cause_text(err)}); choose a folder you can {access}"
+    if isinstance(err, (NotADirectoryError, FileExistsError)):
+        return f"part of the path is a file, not a folder ({cause_text(err)}); choose a folder"
+    if isinstance(err, FileNotFoundError):
+        return "no such file or folder"
+    return None
+
+
+@contextlib.contextmanager
+def reaching(flag: str, uri: str, access: str = "read"):
+    """Turns a failure to reach ``uri`` into one :class:`StorageError` naming ``flag``, the cause
+    and the fix; any other error passes through unchanged."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        reason = explain(err, uri, access)
+        if reason is None:
+            raise
+        raise StorageError(f"{flag} {uri}: {reason}") from err
+
+
+def check_reachable(uri: str) -> None:
+    """One listing of an ``s3://`` URI that raises what the store answered (credentials refused,
+    access denied, no such bucket): s3fs's ``exists()`` turns those into ``False`` for a bucket."""
+    if uri.startswith("s3://"):
+        fs, path = filesystem(uri)
+        bucket, _, key = path.partition("/")
+        fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=key, MaxKeys=1)
+
+
+def why_missing(uri: str) -> str:
+    """Why ``exists(uri)`` is False, in words: a whole bucket missing is told apart."""
+    if uri.startswith("s3://"):
+        bucket = uri[len("s3://") :].split("/", 1)[0]
+        if not exists(f"s3://{bucket}"):
+            endpoint = os.environ.get(S3_ENDPOINT_ENV) or "AWS"
+            return f"bucket {bucket!r} does not exist at {endpoint}; check the bucket name and AWS_ENDPOINT_URL"
+    return "no such file or folder; check the path or prefix"
+
+
+def check_writable(uri: str) -> None:
+    """Write and delete a hidden probe under ``uri`` before any work is spent on outputs."""
+    probe = join(uri, f".raydeeplab-write-check-{uuid.uuid4().hex}")
+    write_bytes(probe, b"")
+    with contextlib.suppress(Exception):  # a store may allow PutObject but not DeleteObject
+        remove(probe)
+
+
+def has_files(root: str, extensions: tuple[str, ...]) -> bool:
+    """Whether any non-hidden file below ``root`` ends with one of ``extensions``; stops at the first."""
+    fs, path = filesystem(root)
+    if fs.isfile(path):
+        return path.lower().endswith(extensions)
+    for _, _, files in fs.walk(path):
+        if any(not name.startswith(".") and name.lower().endswith(extensions) for name in files):
+            return True
+    return False
