@@ -21,6 +21,7 @@ def innermost(err: BaseException) -> BaseException:
 
 
 def cause_text(err: BaseException) -> str:
-    """``Type: message`` of the innermost error, for the middle of a one-line message."""
+    """``Type: message`` of the innermost error on one line (Keras' messages span several), for
+    the middle of a one-line message."""
     deepest = innermost(err)
-    return f"{type(deepest).__name__}: {str(deepest).strip() or type(err).__name__}"
+    return f"{type(deepest).__name__}: {' '.join(str(deepest).split()) or type(err).__name__}"

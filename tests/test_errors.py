@@ -258,3 +258,30 @@ def test_a_user_error_is_one_line_with_exit_code_2(case, workspace, placeholders
     for word in words:
         assert fill(word) in lines[0], lines[0]
     assert "Traceback" not in run.stdout
+
+
+def test_verbose_shows_the_traceback_before_the_same_line(workspace):
+    run = raydeeplab(workspace, ["predict", "--config", "type.yaml", "-v"])
+    assert run.returncode == 2
+    assert "Traceback (most recent call last)" in run.stderr
+    assert run.stderr.splitlines()[-1].startswith("raydeeplab predict: error: --config type.yaml: batch_size must be")
+
+
+def test_ctrl_c_during_a_verb_stops_cleanly_with_exit_code_130(workspace):
+    for i in range(64):
+        png(workspace / f"many/{i}.png")
+    verb = subprocess.Popen(
+        [SCRIPT, "predict", "--input", "many", "--output", "out_interrupted", "--model", "tiny"], cwd=workspace,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        while "Ray cluster with" not in (line := verb.stdout.readline()):  # Ray is up: the job is under way
+            assert line, verb.stderr.read()
+        verb.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert verb.wait(timeout=120) == 130
+        stderr = verb.stderr.read()
+        assert stderr.splitlines() == ["raydeeplab predict: interrupted (Ctrl-C); outputs written so far are kept"], stderr
+    finally:
+        if verb.poll() is None:
+            os.killpg(verb.pid, signal.SIGKILL)
+            verb.wait()
