@@ -67,10 +67,11 @@ def from_dict(cls: type[T], values: dict[str, Any], source: str = "config") -> T
     """Build a config dataclass; unknown keys and values of the wrong type fail loudly (before
     ``validate()`` compares them) instead of being ignored or crashing later."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in sorted(set(values) - set(fields)):
-        close = difflib.get_close_matches(key, fields, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(f"{source}: unknown key {key!r}; {hint}the keys are {', '.join(fields)}")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        close = [match for key in unknown for match in difflib.get_close_matches(key, fields, n=1)]
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise ConfigError(f"{source}: unknown key(s) {', '.join(unknown)}; {hint}the keys are {', '.join(fields)}")
     required = [name for name, f in fields.items() if f.default is dataclasses.MISSING and name not in values]
     if required:
         raise ConfigError(f"missing {', '.join(flag(name) for name in required)} (from {source})")

@@ -225,6 +225,7 @@ def test_bad_flags_fail_before_any_cluster_work(tmp_path, tiny_model, capsys, fl
     import raydeeplab.cli
 
     (tmp_path / "in").mkdir()
+    (tmp_path / "in/a.jpg").write_bytes(encode_jpeg(photo()))  # an empty --input fails first
     started = []
     monkeypatch.setattr(raydeeplab.cli, "init_ray", lambda address: started.append(address))
     base = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--model": tiny_model}

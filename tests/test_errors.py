@@ -202,7 +202,7 @@ CASES = {
     "unknown YAML key": (
         ["predict", "--config", "unknown.yaml"],
         {},
-        ["--config unknown.yaml", "unknown key 'batchsize'", "did you mean 'batch_size'?"],
+        ["--config unknown.yaml", "unknown key(s) batchsize", "did you mean batch_size?"],
     ),
     "empty input": (
         ["predict", "--input", "empty", "--output", "out", "--model", "tiny"],
