@@ -210,13 +210,14 @@ def input_size(model: keras_hub.models.ImageSegmenter) -> int:
     return int(size[0])
 
 
-def check_model_spec(spec: str) -> None:
-    """Cheap check, before any cluster work, that ``spec`` names something loadable."""
+def check_model_spec(spec: str, backbone_ok: bool = False) -> None:
+    """Cheap check, before any cluster work, that ``spec`` names something loadable.
+    ``backbone_ok``: training also takes a backbone preset (no task.json) under a new head."""
     if spec in architectures():
         return
     if storage.is_remote(spec) or os.path.isdir(spec):
         with storage.reaching("--model", spec):
-            check_preset_folder(spec)
+            check_preset_folder(spec, backbone_ok)
         return
     if spec in keras_hub.models.ImageSegmenter.presets:
         return
@@ -226,11 +227,12 @@ def check_model_spec(spec: str) -> None:
     )
 
 
-PRESET_FILES = ("config.json", "task.json", "image_converter.json", "model.weights.h5")
+BACKBONE_FILES = ("config.json", "model.weights.h5")
+PRESET_FILES = (*BACKBONE_FILES, "task.json", "image_converter.json")
 RESAVE = "save it again (raydeeplab model create, or a training run's best/ folder) or copy it whole"
 
 
-def check_preset_folder(spec: str) -> None:
+def check_preset_folder(spec: str, backbone_ok: bool = False) -> None:
     """Every file ``from_preset`` reads is there, and a local weights file opens (a copy cut
     short is an HDF5 file whose end is missing); reading the weights is left to the actors."""
     if not storage.exists(storage.join(spec, "config.json")):
@@ -243,7 +245,9 @@ def check_preset_folder(spec: str) -> None:
                 f"--model {spec}: a {task.get('class_name')} preset, not an image segmenter; "
                 "pass a DeepLabV3 or SegFormer segmenter preset or an architecture name"
             )
-    missing = [name for name in PRESET_FILES if not storage.exists(storage.join(spec, name))]
+    backbone = backbone_ok and not storage.exists(storage.join(spec, "task.json"))
+    needed = BACKBONE_FILES if backbone else PRESET_FILES
+    missing = [name for name in needed if not storage.exists(storage.join(spec, name))]
     if missing:
         raise ModelError(f"--model {spec}: incomplete preset, {', '.join(missing)} missing; {RESAVE}")
     if not storage.is_remote(spec):

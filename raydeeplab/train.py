@@ -67,10 +67,12 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]
     from raydeeplab.model import architectures, check_model_spec
 
     cfg.validate()
-    if not storage.exists(cfg.data):
-        raise ConfigError(f"--data {cfg.data}: no such folder")
-    if cfg.sbd and not storage.exists(cfg.sbd):
-        raise ConfigError(f"--sbd {cfg.sbd}: no such folder")
+    for flag, root in (("--data", cfg.data), ("--sbd", cfg.sbd)):
+        if root:
+            with storage.reaching(flag, root):
+                storage.check_reachable(root)
+                if not storage.exists(root):
+                    raise ConfigError(f"{flag} {root}: {storage.why_missing(root)}")
     if storage.is_inside(cfg.output, cfg.data):
         raise ConfigError(f"--output {cfg.output} is inside --data {cfg.data}")
     if cfg.model in architectures():
@@ -81,17 +83,19 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]
             file=sys.stderr,
         )
     elif storage.is_remote(cfg.model) or os.path.isdir(cfg.model):
-        check_model_spec(cfg.model)  # hub names are checked by keras-hub when downloaded
-    train, val = dataset_pairs(cfg)
-    limit = cfg.check_limit
-    voc.validate_pairs(train, cfg.num_classes, check_limit=limit)
-    voc.validate_pairs(val, cfg.num_classes, check_limit=limit)
+        check_model_spec(cfg.model, backbone_ok=True)  # hub names are checked by keras-hub when downloaded
+    with storage.reaching("--data", cfg.data):
+        train, val = dataset_pairs(cfg)
+        voc.validate_pairs(train, cfg.num_classes, check_limit=cfg.check_limit)
+        voc.validate_pairs(val, cfg.num_classes, check_limit=cfg.check_limit)
     per_worker = cfg.batch_size // cfg.workers
     if len(train) // cfg.workers < per_worker:
         raise ConfigError(
             f"--batch-size {cfg.batch_size}: {len(train)} training examples give no full batch "
             f"on each of {cfg.workers} workers"
         )
+    with storage.reaching("--output", cfg.output, "write"):
+        storage.check_writable(cfg.output)
     return train, val
 
 

@@ -177,7 +177,7 @@ def test_dataset_problems_are_reported_before_training_with_the_file_name(tmp_pa
         ({"batch_size": 6, "gpus_per_worker": 2}, "--batch-size 6 must be a multiple of --workers 2 x --gpus-per-worker 2"),
         ({"image_size": 50}, "--image-size must be a multiple of 32, got 50"),
         ({"layout": "coco"}, "--layout must be one of"),
-        ({"data": "/nonexistent"}, "--data /nonexistent: no such folder"),
+        ({"data": "/nonexistent"}, "--data /nonexistent: no such file or folder"),
     ],
 )
 def test_bad_training_flags_name_the_flag(tmp_path, kwargs, message):
@@ -274,3 +274,20 @@ def test_epoch_lines_appear_while_training_runs(tmp_path, capsys):
         "raydeeplab train: epoch 2/3: loss 0.500, validation mean IoU 0.200, 9.5 img/s",
         "raydeeplab train: epoch 3/3: loss 0.333, validation mean IoU 0.300, 9.5 img/s",
     ]
+
+
+def test_training_data_in_a_missing_bucket_is_named_before_the_cluster(moto_s3, tmp_path):
+    with pytest.raises(UserError, match="--data s3://no-such-bucket-here/VOC2012: bucket 'no-such-bucket-here' does not exist"):
+        check_train_config(train_config("s3://no-such-bucket-here/VOC2012", str(tmp_path / "out")))
+
+
+def test_a_local_backbone_preset_is_a_training_starting_point(tmp_path):
+    """Training takes a backbone preset (config.json + weights, no task.json) under a new head."""
+    from raydeeplab.model import TINY_RESNET, build_resnet
+
+    build_resnet(TINY_RESNET).save_to_preset(str(tmp_path / "backbone"))
+    synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")
+    train, val = check_train_config(
+        train_config(str(tmp_path / "voc"), str(tmp_path / "out"), model=str(tmp_path / "backbone"), batch_size=2)
+    )
+    assert len(train) == 6 and len(val) == 2
