@@ -150,12 +150,6 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def makedirs(uri: str) -> None:
-    fs, path = filesystem(uri)
-    if not is_remote(uri):
-        fs.makedirs(path, exist_ok=True)
-
-
 def remove(uri: str) -> None:
     """Delete a file or a whole folder (recursively)."""
     fs, path = filesystem(uri)
