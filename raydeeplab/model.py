@@ -336,7 +336,6 @@ def local_preset(spec: str, cache_dir: str | None = None) -> str:
     fs, path = storage.filesystem(spec)
 
     def version() -> str:
-        fs.invalidate_cache(path)  # s3fs keeps listings: a stale one would hide the overwrite
         files = fs.find(path, detail=True)
         if not files:
             raise ModelError(f"--model {spec}: no such preset (nothing under it)")

@@ -413,7 +413,7 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
     check_sizes_agree(args.model, describe_model(args.model), args.num_classes, args.image_size)
     read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
-    if starts_local(args.address):  # on a cluster, the port is the head node's
+    if starts_local(args.address) and not ray.is_initialized():  # on a cluster, the port is the head node's
         check_port_free(args.host, args.port)
     init_ray(args.address)
     application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))

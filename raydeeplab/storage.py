@@ -34,8 +34,13 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
         # AWS's "standard" retries (3 attempts, ~2 s in all) unless AWS_RETRY_MODE says otherwise:
         # botocore's legacy default spends 10 s on an endpoint that is simply not there.
         retries = {} if "AWS_RETRY_MODE" in os.environ else {"retries": {"mode": "standard"}}
+        # No listings cache: this process watches prefixes others write (Ray Train's checkpoints,
+        # a preset overwritten in place), and a cached listing hid them from it.
         fs = fsspec.filesystem(
-            "s3", client_kwargs={"endpoint_url": endpoint} if endpoint else {}, config_kwargs=retries
+            "s3",
+            client_kwargs={"endpoint_url": endpoint} if endpoint else {},
+            config_kwargs=retries,
+            use_listings_cache=False,
         )
         return fs, uri[len("s3://") :].rstrip("/") if uri != "s3://" else ""
     if is_remote(uri):

@@ -162,7 +162,7 @@ def test_training_job_from_the_smoke_config_succeeds(cluster, tmp_path):
 
 
 def test_a_failing_job_ends_failed_with_its_error_in_the_logs(cluster, tmp_path):
-    (tmp_path / "in").mkdir()
+    write_photos(str(tmp_path / "in"), 1)  # an input to segment: the model is what fails
     job = submit(cluster, "jobs/batch_infer.py", "--input", str(tmp_path / "in"), "--output",
                  str(tmp_path / "out"), "--model", "no_such_model")  # fmt: skip
     assert wait(cluster, job, timeout=120) == "FAILED"
