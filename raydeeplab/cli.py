@@ -33,7 +33,9 @@ HELP = {
     "precision": "compute dtype (default: bfloat16 on GPUs, float32 on CPUs)",
     "data": "dataset root: Pascal VOC, SBD or generic (images/ + masks/) layout; local or s3://",
     "sbd": "SBD root: with a VOC --data, train on the standard train_aug union",
-    "workers": "Ray Train workers: one per node, each owning all of its GPUs",
+    "workers": "Ray Train workers, each with --gpus-per-worker GPUs and --cpus-per-worker CPUs on one node",
+    "wait_for_resources_s": "on an autoscaling cluster: ask for the workers' nodes and wait this long (default 0: fail at once)",
+    "protocol": "voc: label 255 ignored, scored at the source size (default); guide: the Keras guide's (255 = background, at the model size)",
     "gallery": "write a gallery PNG of this many validation images",
     "verbose": "show every library and worker log line here (also RAYDEEPLAB_VERBOSE=1)",
 }
