@@ -3,11 +3,13 @@ every device of every worker (``keras.distribution.DataParallel``).
 
 Reads top to bottom as the recipe: list and check the data (driver, before any cluster
 work) -> stream decoded, augmented batches through Ray Data -> train with equal step counts
-on every worker -> validate on the device (exact confusion matrix over the global batch)
--> report metrics with a checkpoint to Ray Train. ``OUT`` receives::
+on every worker -> validate over the whole split (each batch's confusion matrix counted on the
+device over the global batch, summed on the host in int64) -> report metrics with a checkpoint
+to Ray Train. ``OUT`` receives::
 
     _ray/raydeeplab-train/    Ray Train's run: checkpoint_<time>/ folders (preset + optimizer.npz
                               + state.json + metrics.json) and the snapshot that lists them
+    _ray/user_error.txt       a user error met inside the cluster (the run ends, no retry)
     best/, last/              exported from the ``Result``: keras-hub presets with metrics.json
                               (loadable by predict, evaluate and serve)
     metrics.json, gallery.png
