@@ -332,7 +332,6 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
 
 
 def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list[voc.Pair]):
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
 

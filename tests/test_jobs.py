@@ -4,7 +4,6 @@ Also scrapes the node's Prometheus endpoint for the application metrics."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -14,7 +13,6 @@ import sys
 import time
 import urllib.request
 
-import pyarrow.parquet as pq
 import pytest
 
 from raydeeplab import storage
