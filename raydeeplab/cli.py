@@ -157,10 +157,40 @@ def run_evaluate_verb(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_serve_verb(args: argparse.Namespace) -> int:
-    from raydeeplab.serve import run_serve_verb as serve
+def wait_until_interrupted() -> None:
+    while True:
+        time.sleep(3600)
 
-    return serve(argparse.Namespace(**absolute_paths(vars(args))))
+
+def run_serve_verb(args: argparse.Namespace) -> int:
+    """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
+    from raydeeplab.cluster import starts_local
+    from raydeeplab.model import check_sizes_agree, describe_model
+    from raydeeplab.serve_args import ServeArgs, check_port_free, serve_args_from_flags
+
+    args = argparse.Namespace(**absolute_paths(vars(args)))
+    ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
+    check_sizes_agree(args.model, describe_model(args.model), args.num_classes, args.image_size)
+    from raydeeplab.serve import APP_NAME, app_builder, read_auth_token
+
+    read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
+    import ray
+    from ray import serve
+
+    if starts_local(args.address) and not ray.is_initialized():  # on a cluster, the port is the head node's
+        check_port_free(args.host, args.port)
+    init_ray(args.address)
+    application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(application, name=APP_NAME, route_prefix="/")
+    print(f"raydeeplab serve: POST http://{args.host}:{args.port}/segment, docs at /docs; Ctrl-C stops")
+    try:
+        wait_until_interrupted()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.delete(APP_NAME)
+    return 0
 
 
 def run_model_verb(args: argparse.Namespace) -> int:

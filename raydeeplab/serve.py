@@ -13,7 +13,6 @@ same resize, same encoder). Runtime knobs live in ``user_config`` (:class:`Knobs
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
-import argparse
 import asyncio
 import collections
 import dataclasses
@@ -43,7 +42,7 @@ from raydeeplab.data.images import (
     resize_image,
     resize_mask,
 )
-from raydeeplab.serve_args import Knobs, ServeArgs, check_port_free, serve_args_from_flags
+from raydeeplab.serve_args import Knobs, ServeArgs
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
 
@@ -393,37 +392,3 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 # A random-init `tiny` model without auth, to try Serve locally (`serve run raydeeplab.serve:app`);
 # deployments name the builder and its `args` (configs/serve_config.yaml).
 app = app_builder({})
-
-
-# ---------------------------------------------------------------- `raydeeplab serve`
-
-
-def wait_until_interrupted() -> None:
-    while True:
-        time.sleep(3600)
-
-
-def run_serve_verb(args: argparse.Namespace) -> int:
-    """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
-    import ray
-
-    from raydeeplab.cluster import init_ray, starts_local
-    from raydeeplab.model import check_sizes_agree, describe_model
-
-    ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
-    check_sizes_agree(args.model, describe_model(args.model), args.num_classes, args.image_size)
-    read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
-    if starts_local(args.address) and not ray.is_initialized():  # on a cluster, the port is the head node's
-        check_port_free(args.host, args.port)
-    init_ray(args.address)
-    application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(application, name=APP_NAME, route_prefix="/")
-    print(f"raydeeplab serve: POST http://{args.host}:{args.port}/segment, docs at /docs; Ctrl-C stops")
-    try:
-        wait_until_interrupted()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.delete(APP_NAME)
-    return 0

@@ -24,7 +24,8 @@ from raydeeplab.data.images import (
     resize_image,
     resize_mask,
 )
-from raydeeplab.serve import app_builder, device_batch_sizes, read_auth_token, run_serve_verb
+from raydeeplab.cli import run_serve_verb
+from raydeeplab.serve import app_builder, device_batch_sizes, read_auth_token
 from raydeeplab.serve_args import Knobs, ServeArgs, add_serve_flags, serve_args_from_flags
 from tests.corpus import BOMB_LIMIT, corpus
 from tests.s3_server import free_port
@@ -257,7 +258,7 @@ def serve_parser() -> argparse.ArgumentParser:
 def test_cli_serves_with_a_bearer_token_until_interrupted(http_port, tiny_model, tmp_path, monkeypatch):
     from ray import serve
 
-    import raydeeplab.serve
+    import raydeeplab.cli
 
     secret = tmp_path / "token"
     secret.write_text("s3cret-token\n")
@@ -280,7 +281,7 @@ def test_cli_serves_with_a_bearer_token_until_interrupted(http_port, tiny_model,
             seen["token, /model"] = c.get("/model").json()["max_batch_size"]
         raise KeyboardInterrupt  # what Ctrl-C does
 
-    monkeypatch.setattr(raydeeplab.serve, "wait_until_interrupted", while_serving)
+    monkeypatch.setattr(raydeeplab.cli, "wait_until_interrupted", while_serving)
     assert run_serve_verb(args) == 0
     assert seen == {
         "healthz": 200, "no token": 401, "no token, /model": 401,
