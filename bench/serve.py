@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def ceiling(model, batch_size: int, images: int) -> float:
     """Images/s of ``Segmenter.predict`` alone on full synthetic batches (host->device copy included)."""
-    from raydeeplab.predict import Segmenter
+    from raydeeplab.segmenter import Segmenter
 
     segmenter = Segmenter(model, batch_size)
     segmenter.warmup()

@@ -167,7 +167,7 @@ class SegmenterPredictor:
 
     def __init__(self, cfg: PredictConfig, on_gpu: bool):
         from raydeeplab.model import load_model
-        from raydeeplab.predict import Segmenter, enable_compilation_cache
+        from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()
         enable_compilation_cache(cfg.compile_cache)

@@ -137,7 +137,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 def write_gallery(model_uri: str, pairs: list[voc.Pair], path: str) -> str:
     """The guide's plot: image | true mask | predicted mask for each pair, as one PNG."""
     from raydeeplab.model import load_model
-    from raydeeplab.predict import Segmenter
+    from raydeeplab.segmenter import Segmenter
     from raydeeplab.viz import gallery_png
 
     segmenter = Segmenter(load_model(model_uri), batch_size=max(len(pairs), 1))

@@ -27,7 +27,7 @@ from raydeeplab.model import (
     local_preset,
     build_segmenter,
 )
-from raydeeplab.predict import uint8_inputs
+from raydeeplab.segmenter import uint8_inputs
 
 OPTIMIZER, STATE = "optimizer.npz", "state.json"
 

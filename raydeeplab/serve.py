@@ -150,7 +150,7 @@ class LoadedModel:
     spec: str
     info: Any  # raydeeplab.model.ModelInfo
     model: Any  # keras-hub ImageSegmenter
-    segmenters: dict  # device batch size -> raydeeplab.predict.Segmenter
+    segmenters: dict  # device batch size -> raydeeplab.segmenter.Segmenter
 
     def device_batch(self, count: int) -> int:
         """The smallest compiled batch shape that holds ``count`` images (else the largest)."""
@@ -255,7 +255,7 @@ class SegmenterDeployment:
 
     def load(self, knobs: Knobs, previous: LoadedModel | None) -> LoadedModel:
         from raydeeplab.model import describe_model, load_model
-        from raydeeplab.predict import Segmenter, enable_compilation_cache
+        from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()
         args = self.args

@@ -9,7 +9,7 @@ from raydeeplab.data import synthetic, voc
 from raydeeplab.data.images import resize_image, resize_mask
 from raydeeplab.evaluate import EvaluateConfig, run_evaluate
 from raydeeplab.model import load_model
-from raydeeplab.predict import Segmenter
+from raydeeplab.segmenter import Segmenter
 
 CLASSES, SIZE = 5, 64
 

@@ -13,7 +13,7 @@ from raydeeplab.model import (
     describe_model,
     load_model,
 )
-from raydeeplab.predict import Segmenter
+from raydeeplab.segmenter import Segmenter
 
 
 def test_architecture_names_cover_the_issue():

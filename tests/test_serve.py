@@ -98,7 +98,7 @@ def client(server):
 def expected_mask(tiny_model):
     """Reference: the batch pipeline's steps (decode, resize, Segmenter, resize back) in-process."""
     from raydeeplab.model import load_model
-    from raydeeplab.predict import Segmenter
+    from raydeeplab.segmenter import Segmenter
 
     segmenter = Segmenter(load_model(tiny_model), batch_size=1)
 

@@ -41,7 +41,7 @@ def train_config(data: str, output: str, **kwargs) -> TrainConfig:
 def independent_confusion(model_uri: str, pairs: list[dict]) -> np.ndarray:
     """Confusion matrix by plain numpy over every val pair, one process, no Ray, no Keras metric."""
     from raydeeplab.model import load_model
-    from raydeeplab.predict import Segmenter
+    from raydeeplab.segmenter import Segmenter
 
     segmenter = Segmenter(load_model(model_uri), batch_size=4)
     matrix = np.zeros((CLASSES, CLASSES), np.int64)
