@@ -90,7 +90,8 @@ def measure_ceiling(cfg, seconds: float) -> dict:
     sample = dataset_pairs(cfg)[0][:HOST_SAMPLE]
     batch = {key: np.array([pair[key] for pair in sample]) for key in (voc.IMAGE_URI, voc.MASK_URI)}
     started = time.perf_counter()
-    load_train_batch(batch, cfg.image_size, cfg.min_scale, cfg.max_scale)
+    marker = os.path.join(tempfile.mkdtemp(), "user_error.txt")  # where a worker records a user error
+    load_train_batch(batch, cfg.image_size, cfg.num_classes, cfg.min_scale, cfg.max_scale, marker)
     return {"step": step, "augment_s": (time.perf_counter() - started) / len(sample)}
 
 
