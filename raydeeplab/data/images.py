@@ -88,17 +88,18 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
-def resize_image(image: np.ndarray, size: int) -> np.ndarray:
-    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8``, stretched: the one geometry of every mode.
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8`` (or ``size = (height, width)``), stretched.
 
     Bilinear with half-pixel centres and no antialiasing, as keras' ``Resizing`` (hence
     keras-hub's image converter) computes it, rounded to uint8: a preset sees the same
     pixels through our pipeline as through its own preprocessor. Pillow's bilinear would
     differ when shrinking (it antialiases).
     """
-    if image.shape[:2] == (size, size):
+    shape = (size, size) if isinstance(size, int) else tuple(size)
+    if image.shape[:2] == shape:
         return image
-    (top, bottom, dy), (left, right, dx) = (bilinear_taps(n, size) for n in image.shape[:2])
+    (top, bottom, dy), (left, right, dx) = (bilinear_taps(n, out) for n, out in zip(image.shape[:2], shape))
     rows = image[top].astype(np.float32)
     rows += (image[bottom] - rows) * dy[:, None, None]
     out = rows[:, left]
@@ -111,6 +112,35 @@ def bilinear_taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     x = np.clip((np.arange(size) + 0.5) * (n / size) - 0.5, 0, n - 1)
     low = x.astype(np.intp)
     return low, np.minimum(low + 1, n - 1), (x - low).astype(np.float32)
+
+
+RESIZE_POLICIES = ("stretch", "pad")
+
+
+def fit_image(image: np.ndarray, size: int, policy: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
+    """``(H, W, 3) uint8`` -> the model's ``(size, size, 3) uint8`` input and the box ``(y0, y1,
+    x0, x1)`` int32 where the image lies in it: the one resize policy of batch, evaluate and serve.
+
+    ``stretch`` fills the square (the Keras guide's geometry; the box is all of it); ``pad`` keeps
+    the aspect ratio, scales the longer side to ``size`` and pads bottom/right with ``MEAN_PIXEL``.
+    """
+    if policy == "stretch":
+        return resize_image(image, size), np.array([0, size, 0, size], np.int32)
+    if policy != "pad":
+        raise ValueError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}, got {policy!r}")
+    height, width = image.shape[:2]
+    scale = size / max(height, width)
+    inner = (max(1, min(size, round(height * scale))), max(1, min(size, round(width * scale))))
+    out = np.empty((size, size, 3), np.uint8)
+    out[...] = MEAN_PIXEL
+    out[: inner[0], : inner[1]] = resize_image(image, inner)
+    return out, np.array([0, inner[0], 0, inner[1]], np.int32)
+
+
+def restore_mask(mask: np.ndarray, box: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The model's ``(S, S)`` mask -> the source's ``(height, width)``: :func:`fit_image` undone."""
+    y0, y1, x0, x1 = (int(v) for v in box)
+    return resize_mask(mask[y0:y1, x0:x1], height, width)
 
 
 def resize_mask(mask: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -1,0 +1,113 @@
+"""Tiled inference: the assembled mask equals a float64 numpy blend of per-tile predictions, with
+bounded memory, whatever order tiles arrive in."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from raydeeplab.model import load_model
+from raydeeplab.segmenter import LOW_CONFIDENCE, Segmenter
+from raydeeplab.tiling import SceneAssembler, TileGrid, band_pieces, blend_window
+
+
+def reference_blend(grid: TileGrid, probs: np.ndarray) -> np.ndarray:
+    """float64 ``sum_t w_t p_t`` over the padded canvas -> argmax cut to the image."""
+    window = blend_window(grid.tile, grid.overlap).astype(np.float64)[..., None]
+    canvas = np.zeros((grid.rows * grid.stride + grid.overlap, grid.cols * grid.stride + grid.overlap, probs.shape[-1]))
+    for index, p in enumerate(probs):
+        y, x = grid.origin(index)
+        canvas[y : y + grid.tile, x : x + grid.tile] += window * p
+    blended = canvas[: grid.height, : grid.width]
+    top = blended.max(-1) / blended.sum(-1)
+    return np.argmax(blended, -1), top
+
+
+def tile_outputs(grid: TileGrid, p: np.ndarray, index: int):
+    """What the device returns for one tile, computed in numpy from its probabilities."""
+    weighted = p * blend_window(grid.tile, grid.overlap)[..., None]
+    bands = np.concatenate([weighted[rows, cols].reshape(-1, p.shape[-1]) for rows, cols in band_pieces(grid.tile, grid.overlap)])
+    y0, y1, x0, x1 = grid.centre_box(index)
+    top = p.max(-1)[y0:y1, x0:x1]
+    return np.argmax(p, -1).astype(np.uint8), bands.astype(np.float16), top.sum(), (top < LOW_CONFIDENCE).sum()
+
+
+@pytest.mark.parametrize("shape", [(150, 230), (40, 41), (64, 64), (200, 97)])
+def test_any_arrival_order_gives_the_float64_blend(shape):
+    grid = TileGrid(*shape, tile=64, overlap=12)
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(len(grid), 64, 64, 4)) * 3
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    reference, top = reference_blend(grid, probs)
+    assembler = SceneAssembler(grid, 4, LOW_CONFIDENCE)
+    for index in rng.permutation(len(grid)):
+        assert not assembler.done
+        assembler.add(index, *tile_outputs(grid, probs[index], index))
+    assert assembler.done and not assembler.open
+    # float16 band values: a pixel whose two best classes are within ~1e-3 may flip
+    assert (assembler.mask == reference).mean() > 0.999
+    confidence, low = assembler.confidence()
+    assert confidence == pytest.approx(top.mean(), abs=1e-3)
+    assert low == pytest.approx((top < LOW_CONFIDENCE).mean(), abs=2e-3)
+
+
+def test_assembly_memory_is_linear_in_the_width_not_the_area():
+    """A 6,000 x 6,000 scene, 512 tiles, overlap 64, 21 classes, raster order: float32 logits of the
+    scene would be 3 GB; the peak stays near the mask (36 MB) plus one row of open band cells."""
+    height = width = 6000
+    tile, overlap, classes = 512, 64, 21
+    grid = TileGrid(height, width, tile, overlap)
+    centre = np.zeros((tile, tile), np.uint8)
+    bands = np.full((tile * tile - (tile - 2 * overlap) ** 2, classes), 1 / classes, np.float16)
+    assembler = SceneAssembler(grid, classes, LOW_CONFIDENCE)
+    tracemalloc.start()
+    peak_open = 0
+    for index in range(len(grid)):
+        assembler.add(index, centre, bands, 0.0, 0)
+        peak_open = max(peak_open, assembler.open_bytes)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    bound = height * width + (width + 2 * tile) * overlap * classes * 4
+    print(f"assembly peak {peak / 2**20:.1f} MiB (open cells {peak_open / 2**20:.1f} MiB), bound {bound / 2**20:.1f} MiB")
+    assert assembler.done and peak_open <= (width + 2 * tile) * overlap * classes * 4
+    assert peak <= bound + 16 * 2**20  # + one tile's temporaries
+    assert peak < height * width * classes * 4 / 50
+
+
+@pytest.fixture(scope="module")
+def segmenter(tiny_model):
+    return Segmenter(load_model(tiny_model), batch_size=4)
+
+
+def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_seams(segmenter):
+    """Reference: the keras-hub model itself (``training=False``) on each tile, softmax and blend in
+    float64 numpy. The scene repeats one tile-sized pattern, so every tile centre must also equal
+    the pattern's own mask: a misplaced or seamed tile shows."""
+    size, overlap = segmenter.image_size, 16
+    pattern = np.random.default_rng(3).integers(0, 256, (size - overlap, size - overlap, 3), dtype=np.uint8)
+    scene = np.tile(pattern, (4, 5, 1))[:170, :230]
+    grid = TileGrid(*scene.shape[:2], size, overlap)
+    tiles = np.stack([grid.crop(scene, i) for i in range(len(grid))])
+    boxes = np.array([grid.centre_box(i) for i in range(len(grid))], np.int32)
+    out = segmenter.segment_tiles(tiles, boxes, overlap)
+    assembler = SceneAssembler(grid, segmenter.num_classes, LOW_CONFIDENCE)
+    for index in range(len(grid))[::-1]:
+        assembler.add(index, out.masks[index], out.bands[index], out.top_sum[index], out.low_count[index])
+
+    converter = segmenter.model.preprocessor.image_converter
+    x = tiles.astype("float32") * np.asarray(converter.scale, "float32") + np.asarray(converter.offset, "float32")
+    logits = np.asarray(segmenter.model(x, training=False), np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    reference, top = reference_blend(grid, probs)
+    assert (assembler.mask == reference).mean() > 0.999
+    assert np.sort(np.bincount(reference.ravel()))[-2] > 0.05 * reference.size  # not one flat class
+    assert assembler.confidence()[0] == pytest.approx(top.mean(), abs=1e-3)
+    stride = size - overlap
+    own = np.argmax(probs[0], -1)[overlap : size - overlap, overlap : size - overlap]
+    for index in range(len(grid)):
+        y, x = grid.origin(index)
+        if y + size <= grid.height and x + size <= grid.width:  # unpadded tiles see the pattern shifted by whole strides
+            assert y % stride == 0 and x % stride == 0
+            centre = assembler.mask[y + overlap : y + size - overlap, x + overlap : x + size - overlap]
+            assert (centre == own).mean() > 0.999
