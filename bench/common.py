@@ -14,11 +14,13 @@ from typing import Callable
 
 import numpy as np
 
+from raydeeplab.storage import CACHE_ROOT
+
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # ceiling and pipeline take turns on a GPU
 
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab", "bench")
+DEFAULT_CACHE = os.path.join(CACHE_ROOT, "bench")
 # (height, width) of most Pascal VOC JPEGs: 500 on the long side, 4:3 or 3:2, both orientations.
 VOC_SIZES = ((375, 500), (500, 375), (333, 500), (500, 333), (366, 500), (281, 500))
 CORPUS_CLASSES = 21

@@ -81,7 +81,7 @@ def measure_ceiling(cfg, sample: list[str], seconds: float) -> dict:
     import keras
 
     from raydeeplab.batch import ERROR, IMAGE, MASK, PATH, RELPATH, load_images, write_outputs
-    from raydeeplab.model import load_model
+    from raydeeplab.presets import load_model
     from raydeeplab.segmenter import Segmenter, build_mask_model, compile_inference, to_host
 
     model = load_model(cfg.model, cfg.num_classes, cfg.image_size, cfg.precision)

@@ -113,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from raydeeplab.cluster import init_ray
-    from raydeeplab.model import architectures, default_image_size, input_size, load_model
+    from raydeeplab.architectures import ARCHITECTURES, default_image_size
+    from raydeeplab.presets import input_size, load_model
     from raydeeplab.serve import app_builder
 
     init_ray(None)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
     precision = args.precision or ("bfloat16" if gpus else None)  # what the replica will run
-    is_arch = args.model in architectures()
+    is_arch = args.model in ARCHITECTURES
     image_size = args.image_size or (default_image_size(args.model) if is_arch else None)
     model = load_model(args.model, args.num_classes, image_size, precision)
     image_size = input_size(model)

@@ -120,7 +120,7 @@ def check_predict_config(cfg: PredictConfig):
         raise ConfigError(
             f"--output {cfg.output} is inside --input {cfg.input}: outputs would be read back as inputs"
         )
-    from raydeeplab.model import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
+    from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     # 21 is also the default: only another value shows that the user asked for one
@@ -166,7 +166,7 @@ class SegmenterPredictor:
     """{IMAGE: (b, S, S, 3) uint8} -> {MASK: (b, S, S) uint8}; the model is loaded once per actor."""
 
     def __init__(self, cfg: PredictConfig, on_gpu: bool):
-        from raydeeplab.model import load_model
+        from raydeeplab.presets import load_model
         from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()

@@ -165,7 +165,7 @@ def wait_until_interrupted() -> None:
 def run_serve_verb(args: argparse.Namespace) -> int:
     """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
     from raydeeplab.cluster import starts_local
-    from raydeeplab.model import check_sizes_agree, describe_model
+    from raydeeplab.presets import check_sizes_agree, describe_model
     from raydeeplab.serve_args import ServeArgs, check_port_free, serve_args_from_flags
 
     args = argparse.Namespace(**absolute_paths(vars(args)))
@@ -194,7 +194,8 @@ def run_serve_verb(args: argparse.Namespace) -> int:
 
 
 def run_model_verb(args: argparse.Namespace) -> int:
-    from raydeeplab.model import create_model, default_image_size
+    from raydeeplab.architectures import default_image_size
+    from raydeeplab.presets import create_model
 
     output = absolute(args.output)
     create_model(args.arch, args.num_classes, args.image_size or default_image_size(args.arch), output)

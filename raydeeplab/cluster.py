@@ -62,9 +62,9 @@ def absolute(path: str | None) -> str | None:
 def absolute_model(spec: str | None) -> str | None:
     """``--model`` made absolute only when it is an existing local folder that is not an
     architecture name (the name wins, as when the model is loaded); names pass unchanged."""
-    from raydeeplab.model import architectures
+    from raydeeplab.architectures import ARCHITECTURES
 
-    if not isinstance(spec, str) or "://" in spec or spec in architectures() or not os.path.isdir(spec):
+    if not isinstance(spec, str) or "://" in spec or spec in ARCHITECTURES or not os.path.isdir(spec):
         return spec
     return absolute(spec)
 

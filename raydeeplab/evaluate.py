@@ -92,7 +92,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
     import ray
 
     from raydeeplab.batch import actor_resources
-    from raydeeplab.model import describe_model
+    from raydeeplab.presets import describe_model
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
@@ -136,7 +136,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
 
 def write_gallery(model_uri: str, pairs: list[voc.Pair], path: str) -> str:
     """The guide's plot: image | true mask | predicted mask for each pair, as one PNG."""
-    from raydeeplab.model import load_model
+    from raydeeplab.presets import load_model
     from raydeeplab.segmenter import Segmenter
     from raydeeplab.viz import gallery_png
 

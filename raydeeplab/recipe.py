@@ -19,14 +19,8 @@ import numpy as np
 from raydeeplab import storage
 from raydeeplab.config import TrainConfig
 from raydeeplab.data.images import IGNORE_LABEL
-from raydeeplab.model import (
-    ModelError,
-    architectures,
-    check_model_spec,
-    deeplab_v3_plus,
-    local_preset,
-    build_segmenter,
-)
+from raydeeplab.architectures import ARCHITECTURES, ModelError, build_model, deeplab_v3_plus
+from raydeeplab.presets import check_model_spec, local_preset
 from raydeeplab.segmenter import uint8_inputs
 
 OPTIMIZER, STATE = "optimizer.npz", "state.json"
@@ -132,8 +126,8 @@ def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
     """``--model`` as the starting point: an architecture (random), a segmenter preset to
     fine-tune, or a backbone preset (e.g. ``resnet_50_imagenet``) under a new DeepLabV3+ head."""
     spec = cfg.model
-    if spec in architectures():
-        return build_segmenter(spec, cfg.num_classes, cfg.image_size)
+    if spec in ARCHITECTURES:
+        return build_model(spec, cfg.num_classes, cfg.image_size)
     local = local_preset(spec) if storage.is_remote(spec) else spec
     if os.path.isdir(local) and os.path.exists(os.path.join(local, "task.json")) or (
         not os.path.isdir(local) and spec in keras_hub.models.ImageSegmenter.presets
@@ -176,7 +170,7 @@ def save_train_state(segmenter, model: keras.Model, directory: str, state: dict)
     Call on *every* worker: saving weights is collective under JAX multi-process
     (one rank alone would deadlock); only rank 0's directory is reported.
     """
-    from raydeeplab.model import save_model
+    from raydeeplab.presets import save_model
 
     save_model(segmenter, directory)
     np.savez(

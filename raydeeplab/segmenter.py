@@ -17,9 +17,10 @@ from typing import Callable, NamedTuple
 import keras
 import numpy as np
 
-from raydeeplab.model import input_size
+from raydeeplab.presets import input_size
+from raydeeplab.storage import CACHE_ROOT
 
-DEFAULT_COMPILE_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab", "xla")
+DEFAULT_COMPILE_CACHE = os.path.join(CACHE_ROOT, "xla")
 
 
 def enable_compilation_cache(path: str | None = None) -> None:

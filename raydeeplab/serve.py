@@ -148,7 +148,7 @@ class LoadedModel:
     """One model version on this replica: its Segmenters, one per compiled batch shape."""
 
     spec: str
-    info: Any  # raydeeplab.model.ModelInfo
+    info: Any  # raydeeplab.presets.ModelInfo
     model: Any  # keras-hub ImageSegmenter
     segmenters: dict  # device batch size -> raydeeplab.segmenter.Segmenter
 
@@ -254,7 +254,7 @@ class SegmenterDeployment:
         self.knobs = knobs
 
     def load(self, knobs: Knobs, previous: LoadedModel | None) -> LoadedModel:
-        from raydeeplab.model import describe_model, load_model
+        from raydeeplab.presets import describe_model, load_model
         from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()

@@ -20,6 +20,8 @@ import fsspec
 from raydeeplab.errors import UserError, cause_text
 
 S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
+# Local copies of what is costly to make again: s3:// presets (presets/), XLA executables (xla/).
+CACHE_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab")
 DRIVE = re.compile(r"^[A-Za-z]:")  # C: - on Windows, joining it drops everything before it
 
 

@@ -66,7 +66,8 @@ def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
 
 def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
     """Everything that can be checked before the cluster: flags, model, splits, every mask."""
-    from raydeeplab.model import architectures, check_model_spec
+    from raydeeplab.architectures import ARCHITECTURES
+    from raydeeplab.presets import check_model_spec
 
     cfg.validate()
     for flag, root in (("--data", cfg.data), ("--sbd", cfg.sbd)):
@@ -77,7 +78,7 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]
                     raise ConfigError(f"{flag} {root}: {storage.why_missing(root)}")
     if storage.is_inside(cfg.output, cfg.data):
         raise ConfigError(f"--output {cfg.output} is inside --data {cfg.data}")
-    if cfg.model in architectures():
+    if cfg.model in ARCHITECTURES:
         print(
             f"raydeeplab train: warning: --model {cfg.model} is an architecture name: training starts "
             "from random weights (no pretrained backbone); for real data pass a backbone preset "

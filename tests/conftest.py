@@ -63,7 +63,7 @@ def ray_local(moto_s3):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A tiny random-init DeepLabV3+ preset on disk (64 px, 5 classes), built offline."""
-    from raydeeplab.model import create_model
+    from raydeeplab.presets import create_model
 
     path = str(tmp_path_factory.mktemp("models") / "tiny")
     create_model("tiny", num_classes=5, image_size=64, output=path)

@@ -22,7 +22,7 @@ def make_presets(workdir: str) -> None:
     """A backbone preset and a segmenter preset (softmax-headed, as the Keras guide builds it)."""
     import keras_hub
 
-    from raydeeplab.model import TINY_RESNET, build_resnet, deeplab_v3_plus
+    from raydeeplab.architectures import TINY_RESNET, build_resnet, deeplab_v3_plus
 
     build_resnet(TINY_RESNET).save_to_preset(os.path.join(workdir, "backbone"))
     guide = deeplab_v3_plus(build_resnet(TINY_RESNET), num_classes=3, image_size=64)

@@ -103,7 +103,7 @@ def classifier_preset(path: Path) -> None:
     """A real keras-hub preset of another task: an image classifier on the tiny ResNet."""
     import keras_hub
 
-    from raydeeplab.model import TINY_RESNET, build_resnet
+    from raydeeplab.architectures import TINY_RESNET, build_resnet
 
     keras_hub.models.ResNetImageClassifier(backbone=build_resnet(TINY_RESNET), num_classes=3).save_to_preset(str(path))
 

@@ -8,7 +8,7 @@ from raydeeplab.config import ConfigError
 from raydeeplab.data import synthetic, voc
 from raydeeplab.data.images import resize_image, resize_mask
 from raydeeplab.evaluate import EvaluateConfig, run_evaluate
-from raydeeplab.model import load_model
+from raydeeplab.presets import load_model
 from raydeeplab.segmenter import Segmenter
 
 CLASSES, SIZE = 5, 64

@@ -8,7 +8,8 @@ import numpy as np
 
 from raydeeplab import recipe
 from raydeeplab.config import TrainConfig
-from raydeeplab.model import TINY_RESNET, build_resnet, deeplab_v3_plus, save_model
+from raydeeplab.architectures import TINY_RESNET, build_resnet, deeplab_v3_plus
+from raydeeplab.presets import save_model
 
 
 def softmax_segmenter(num_classes: int = 3):

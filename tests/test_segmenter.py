@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from raydeeplab.data.images import resize_image
-from raydeeplab.model import create_model, load_model
+from raydeeplab.presets import create_model, load_model
 from raydeeplab.segmenter import Segmenter
 
 IMAGES = np.random.default_rng(1).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
@@ -46,7 +46,7 @@ def test_wrong_inputs_are_refused_with_what_was_received(segmenter):
 def test_tensorflow_backend_gives_the_same_masks(segmenter, tiny_model):
     script = (
         "import json, sys, numpy as np\n"
-        "from raydeeplab.model import load_model\nfrom raydeeplab.segmenter import Segmenter\n"
+        "from raydeeplab.presets import load_model\nfrom raydeeplab.segmenter import Segmenter\n"
         "images = np.asarray(json.load(sys.stdin), np.uint8)\n"
         f"print(json.dumps(Segmenter(load_model({tiny_model!r}), 4).predict(images).tolist()))\n"
     )

@@ -97,7 +97,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def expected_mask(tiny_model):
     """Reference: the batch pipeline's steps (decode, resize, Segmenter, resize back) in-process."""
-    from raydeeplab.model import load_model
+    from raydeeplab.presets import load_model
     from raydeeplab.segmenter import Segmenter
 
     segmenter = Segmenter(load_model(tiny_model), batch_size=1)
@@ -222,7 +222,7 @@ def test_user_config_swaps_model_and_batching_on_the_live_replica(client, base_a
     """What a `serve deploy` of a changed user_config does: reconfigure() on the same replica."""
     from ray import serve
 
-    from raydeeplab.model import create_model
+    from raydeeplab.presets import create_model
 
     other = str(tmp_path / "three_classes")
     create_model("tiny", num_classes=3, image_size=64, output=other)
@@ -367,7 +367,7 @@ def test_cli_help_imports_neither_serve_nor_frameworks():
 def test_s3_preset_overwritten_in_place_is_loaded_fresh(bucket, tmp_path):
     """A long-lived replica reloading `best/` after training overwrote it gets the new model."""
     from raydeeplab import storage
-    from raydeeplab.model import create_model, load_model, local_preset
+    from raydeeplab.presets import create_model, load_model, local_preset
 
     for classes in (3, 4):
         create_model("tiny", num_classes=classes, image_size=64, output=str(tmp_path / f"classes{classes}"))

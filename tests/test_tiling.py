@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from raydeeplab.model import load_model
+from raydeeplab.presets import load_model
 from raydeeplab.segmenter import LOW_CONFIDENCE, Segmenter
 from raydeeplab.tiling import SceneAssembler, TileGrid, band_pieces, blend_window
 

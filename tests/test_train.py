@@ -40,7 +40,7 @@ def train_config(data: str, output: str, **kwargs) -> TrainConfig:
 
 def independent_confusion(model_uri: str, pairs: list[dict]) -> np.ndarray:
     """Confusion matrix by plain numpy over every val pair, one process, no Ray, no Keras metric."""
-    from raydeeplab.model import load_model
+    from raydeeplab.presets import load_model
     from raydeeplab.segmenter import Segmenter
 
     segmenter = Segmenter(load_model(model_uri), batch_size=4)
@@ -283,7 +283,7 @@ def test_training_data_in_a_missing_bucket_is_named_before_the_cluster(moto_s3, 
 
 def test_a_local_backbone_preset_is_a_training_starting_point(tmp_path):
     """Training takes a backbone preset (config.json + weights, no task.json) under a new head."""
-    from raydeeplab.model import TINY_RESNET, build_resnet
+    from raydeeplab.architectures import TINY_RESNET, build_resnet
 
     build_resnet(TINY_RESNET).save_to_preset(str(tmp_path / "backbone"))
     synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")

@@ -3,7 +3,7 @@ import pytest
 
 from raydeeplab.data import transforms
 from raydeeplab.data.images import IGNORE_LABEL, MEAN_PIXEL, resize_image, resize_mask
-from raydeeplab.model import IMAGENET_MEAN
+from raydeeplab.architectures import IMAGENET_MEAN
 
 RED = (255, 0, 0)
 

@@ -1,4 +1,5 @@
-"""Architectures and model loading: everything that turns a name or a URI into a keras-hub segmenter.
+"""Presets: a model as files. ``load_model(name | dir | s3://)``, ``save_model``, the local cache
+of ``s3://`` presets, and what a preset says about itself without loading its weights.
 
 A model is always a keras-hub *preset directory* (``save_to_preset`` / ``from_preset``),
 so what ``model create`` writes, what training checkpoints and what ``predict`` and
@@ -22,153 +23,11 @@ import keras
 import keras_hub
 
 from raydeeplab import storage
+from raydeeplab.architectures import ARCHITECTURES, ModelError, build_model, default_image_size
 from raydeeplab.data.images import VOC_CLASSES
-from raydeeplab.errors import UserError, cause_text
+from raydeeplab.errors import cause_text
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SIDECAR = "raydeeplab.json"  # class names and input size, next to keras-hub's own files
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab")
-
-
-class ModelError(UserError):
-    """A ``--model`` value that names nothing loadable."""
-
-
-@dataclass(frozen=True)
-class ResNetSpec:
-    block_type: str
-    blocks: tuple[int, int, int, int]
-    filters: tuple[int, int, int, int] = (64, 128, 256, 512)
-    stem_filters: int = 64
-    pre_activation: bool = False
-
-
-@dataclass(frozen=True)
-class MiTSpec:
-    depths: tuple[int, int, int, int]
-    hidden_dims: tuple[int, int, int, int]
-    projection_filters: int
-
-
-RESNETS = {
-    "resnet18": ResNetSpec("basic_block", (2, 2, 2, 2)),
-    "resnet50": ResNetSpec("bottleneck_block", (3, 4, 6, 3)),
-    "resnet101": ResNetSpec("bottleneck_block", (3, 4, 23, 3)),
-}
-# Table 7 of the SegFormer paper (MiT-B0 ... B5).
-MITS = {
-    "b0": MiTSpec((2, 2, 2, 2), (32, 64, 160, 256), 256),
-    "b1": MiTSpec((2, 2, 2, 2), (64, 128, 320, 512), 256),
-    "b2": MiTSpec((3, 4, 6, 3), (64, 128, 320, 512), 768),
-    "b3": MiTSpec((3, 4, 18, 3), (64, 128, 320, 512), 768),
-    "b4": MiTSpec((3, 8, 27, 3), (64, 128, 320, 512), 768),
-    "b5": MiTSpec((3, 6, 40, 3), (64, 128, 320, 512), 768),
-}
-# keras-hub requires 64 filters in the stem and first stage; the rest is kept small for 2-core CI.
-TINY_RESNET = ResNetSpec("basic_block", (1, 1, 1, 1), filters=(64, 32, 32, 32))
-
-
-def architectures() -> list[str]:
-    names = ["tiny"]
-    for depth in RESNETS:
-        names += [f"deeplabv3plus_{depth}", f"deeplabv3plus_{depth}_v2"]
-    return names + [f"segformer_{size}" for size in MITS]
-
-
-def build_segmenter(
-    arch: str, num_classes: int, image_size: int
-) -> keras_hub.models.ImageSegmenter:
-    """A randomly initialised segmenter with its preprocessor (ImageNet normalisation)."""
-    if num_classes < 2:
-        raise ModelError(f"--num-classes must be at least 2, got {num_classes}")
-    if image_size % 32:
-        raise ModelError(f"--image-size must be a multiple of 32, got {image_size}")
-    if arch == "tiny":
-        return deeplab_v3_plus(build_resnet(TINY_RESNET), num_classes, image_size)
-    if arch.startswith("deeplabv3plus_"):
-        depth, _, version = arch[len("deeplabv3plus_") :].partition("_")
-        if depth in RESNETS and version in ("", "v2"):
-            spec = RESNETS[depth]
-            if version == "v2":
-                spec = ResNetSpec(**{**spec.__dict__, "pre_activation": True})
-            return deeplab_v3_plus(build_resnet(spec), num_classes, image_size)
-    if arch.startswith("segformer_") and arch[len("segformer_") :] in MITS:
-        return segformer(MITS[arch[len("segformer_") :]], num_classes, image_size)
-    raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(architectures())}")
-
-
-def build_resnet(spec: ResNetSpec) -> keras_hub.models.ResNetBackbone:
-    return keras_hub.models.ResNetBackbone(
-        input_conv_filters=[spec.stem_filters],
-        input_conv_kernel_sizes=[7],
-        stackwise_num_filters=list(spec.filters),
-        stackwise_num_blocks=list(spec.blocks),
-        stackwise_num_strides=[1, 2, 2, 2],
-        block_type=spec.block_type,
-        use_pre_activation=spec.pre_activation,
-    )
-
-
-def image_converter(cls, image_size: int):
-    """Resize plus ImageNet normalisation; ``predict`` reads its scale/offset to normalise on device.
-
-    Stretched, bilinear, no antialias: keras-hub's own preprocessor then resizes as
-    ``data.images.resize_image`` does, so both feed a preset the same pixels.
-    """
-    return cls(
-        image_size=(image_size, image_size),
-        crop_to_aspect_ratio=False,
-        interpolation="bilinear",
-        antialias=False,
-        scale=[1.0 / (255.0 * s) for s in IMAGENET_STD],
-        offset=[-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)],
-    )
-
-
-def deeplab_v3_plus(
-    encoder: keras.Model, num_classes: int, image_size: int
-) -> keras_hub.models.DeepLabV3ImageSegmenter:
-    """DeepLabV3+ exactly as keras-hub's ``deeplab_v3_plus_resnet50_pascalvoc`` and the Keras guide
-    build it: ASPP (rates 6/12/18) on the encoder's last stage (P5, all of ResNet's conv5 is
-    used), upsampled 8x to meet the stride-4 P2 features of the decoder (paper, Fig. 2)."""
-    backbone = keras_hub.models.DeepLabV3Backbone(
-        image_encoder=encoder,
-        spatial_pyramid_pooling_key="P5",
-        upsampling_size=8,  # P5 (1/32) -> P2 (1/4), where the low-level features join
-        dilation_rates=[6, 12, 18],
-        low_level_feature_key="P2",
-        projection_filters=48,
-    )
-    preprocessor = keras_hub.models.DeepLabV3ImageSegmenterPreprocessor(
-        image_converter=image_converter(keras_hub.layers.DeepLabV3ImageConverter, image_size)
-    )
-    return keras_hub.models.DeepLabV3ImageSegmenter(
-        backbone=backbone, num_classes=num_classes, preprocessor=preprocessor
-    )
-
-
-def segformer(spec: MiTSpec, num_classes: int, image_size: int):
-    encoder = keras_hub.models.MiTBackbone(
-        layerwise_depths=list(spec.depths),
-        num_layers=4,
-        layerwise_num_heads=[1, 2, 5, 8],
-        layerwise_sr_ratios=[8, 4, 2, 1],
-        max_drop_path_rate=0.1,
-        layerwise_patch_sizes=[7, 3, 3, 3],
-        layerwise_strides=[4, 2, 2, 2],
-        hidden_dims=list(spec.hidden_dims),
-        image_shape=(image_size, image_size, 3),
-    )
-    backbone = keras_hub.models.SegFormerBackbone(
-        image_encoder=encoder, projection_filters=spec.projection_filters
-    )
-    preprocessor = keras_hub.models.SegFormerImageSegmenterPreprocessor(
-        image_converter=image_converter(keras_hub.layers.SegFormerImageConverter, image_size)
-    )
-    return keras_hub.models.SegFormerImageSegmenter(
-        backbone=backbone, num_classes=num_classes, preprocessor=preprocessor
-    )
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -201,7 +60,7 @@ def save_model(model: keras_hub.models.ImageSegmenter, uri: str, **sidecar) -> N
 
 def create_model(arch: str, num_classes: int, image_size: int, output: str) -> None:
     """``raydeeplab model create``: a random-init preset anyone can load offline."""
-    save_model(build_segmenter(arch, num_classes, image_size), output, architecture=arch)
+    save_model(build_model(arch, num_classes, image_size), output, architecture=arch)
 
 
 def input_size(model: keras_hub.models.ImageSegmenter) -> int:
@@ -213,7 +72,7 @@ def input_size(model: keras_hub.models.ImageSegmenter) -> int:
 def check_model_spec(spec: str, backbone_ok: bool = False) -> None:
     """Cheap check, before any cluster work, that ``spec`` names something loadable.
     ``backbone_ok``: training also takes a backbone preset (no task.json) under a new head."""
-    if spec in architectures():
+    if spec in ARCHITECTURES:
         return
     if storage.is_remote(spec) or os.path.isdir(spec):
         with storage.reaching("--model", spec):
@@ -222,7 +81,7 @@ def check_model_spec(spec: str, backbone_ok: bool = False) -> None:
     if spec in keras_hub.models.ImageSegmenter.presets:
         return
     raise ModelError(
-        f"--model {spec!r} is not an architecture ({', '.join(architectures())}), "
+        f"--model {spec!r} is not an architecture ({', '.join(ARCHITECTURES)}), "
         "a preset directory, an s3:// preset or a keras-hub segmenter preset"
     )
 
@@ -269,14 +128,10 @@ class ModelInfo:
     class_names: tuple[str, ...]
 
 
-def default_image_size(arch: str) -> int:
-    return 128 if arch == "tiny" else 512
-
-
 def describe_model(spec: str, num_classes: int = 21, image_size: int | None = None) -> ModelInfo:
     """Read class count and input size from a preset's JSON files (no weights are loaded)."""
     check_model_spec(spec)
-    if spec in architectures():
+    if spec in ARCHITECTURES:
         size = image_size or default_image_size(spec)
         return ModelInfo(num_classes, size, tuple(class_names(num_classes)))
     folder = storage.is_remote(spec) or os.path.isdir(spec)
@@ -291,7 +146,7 @@ def describe_model(spec: str, num_classes: int = 21, image_size: int | None = No
 def check_sizes_agree(spec: str, info: ModelInfo, num_classes: int | None, image_size: int | None) -> None:
     """``--num-classes``/``--image-size`` the user gave (``None``: not given) must agree with a
     preset: they only size architectures, and would otherwise be ignored without a word."""
-    if spec in architectures():
+    if spec in ARCHITECTURES:
         return
     for name, given, own in (("num-classes", num_classes, info.num_classes), ("image-size", image_size, info.image_size)):
         if given is not None and given != own:
@@ -310,10 +165,12 @@ def read_preset_json(spec: str, name: str, folder: bool) -> dict:
             return json.loads(text)
         except ValueError as err:
             raise ModelError(f"--model {spec}: {name} is not valid JSON, the preset is truncated ({err}); {RESAVE}") from err
-    from keras_hub.src.utils.preset_utils import load_json
+    import kagglehub  # keras-hub's own downloader; every built-in preset is a Kaggle handle
 
+    handle = keras_hub.models.ImageSegmenter.presets[spec]["kaggle_handle"].removeprefix("kaggle://")
     try:
-        return load_json(spec, name)
+        with open(kagglehub.model_download(handle, path=name), encoding="utf-8") as f:
+            return json.load(f)
     except OSError as err:  # requests' and kagglehub's errors are OSErrors
         raise ModelError(
             f"--model {spec}: cannot download this keras-hub preset ({cause_text(err)}); hub names need "
@@ -348,7 +205,7 @@ def local_preset(spec: str, cache_dir: str | None = None) -> str:
     for _ in range(3):
         seen = version()
         key = hashlib.sha1(f"{storage.normalize(spec)}\n{seen}".encode()).hexdigest()[:16]
-        local = os.path.join(cache_dir or DEFAULT_CACHE, "presets", key)
+        local = os.path.join(cache_dir or storage.CACHE_ROOT, "presets", key)
         if os.path.exists(local):
             return local
         os.makedirs(os.path.dirname(local), exist_ok=True)
@@ -364,13 +221,13 @@ def load_model(
     num_classes: int = 21,
     image_size: int | None = None,
     dtype: str | None = None,
-    cache_dir: str | None = None,  # default: ~/.cache/raydeeplab
+    cache_dir: str | None = None,  # default: storage.CACHE_ROOT
 ) -> keras_hub.models.ImageSegmenter:
     """Any ``--model`` value -> segmenter. ``num_classes``/``image_size`` only apply to architectures."""
     check_model_spec(spec)
-    if spec in architectures():
+    if spec in ARCHITECTURES:
         keras.utils.set_random_seed(0)  # every actor must build the same random weights
-        model = build_segmenter(spec, num_classes, image_size or default_image_size(spec))
+        model = build_model(spec, num_classes, image_size or default_image_size(spec))
         return model if dtype is None else rebuild_with_dtype(model, dtype)
     kwargs = {"dtype": dtype} if dtype else {}
     with storage.reaching("--model", spec):
