@@ -82,3 +82,24 @@ def test_masks_equal_keras_hubs_own_preprocessor_on_non_square_photos(seeded_mod
     theirs = np.argmax(hub.predict(photo[None], verbose=0), axis=-1)[0]
     assert np.sort(np.bincount(ours.ravel()))[-2] > 0.1 * ours.size  # two large regions: any shift shows
     assert (ours == theirs).mean() >= 0.99
+
+
+def test_confidence_is_the_mean_top_class_softmax_of_the_models_own_output(segmenter):
+    """Reference: keras-hub's forward pass (``training=False``), softmax and mean in float64 numpy;
+    the pad policy's box keeps the mean pixel's padding out of the average."""
+    from raydeeplab.data.images import fit_image
+    from raydeeplab.segmenter import LOW_CONFIDENCE
+
+    fitted = [fit_image(image[: 20 + 9 * i], 64, "pad") for i, image in enumerate(IMAGES)]
+    images, boxes = np.stack([f[0] for f in fitted]), np.stack([f[1] for f in fitted])
+    converter = segmenter.model.preprocessor.image_converter
+    x = images.astype("float32") * np.asarray(converter.scale, "float32") + np.asarray(converter.offset, "float32")
+    logits = np.asarray(segmenter.model(x, training=False), np.float64)
+    top = (np.exp(logits - logits.max(-1, keepdims=True)) / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)).max(-1)
+    out = segmenter.segment(images, boxes)
+    for i, (y0, y1, x0, x1) in enumerate(boxes):
+        inside = top[i, y0:y1, x0:x1]
+        assert (y0, y1, x0, x1) == (0, 20 + 9 * i, 0, 64)  # wide images: full width, aspect kept
+        assert out.confidence[i] == pytest.approx(inside.mean(), abs=1e-5)
+        assert out.low_confidence_fraction[i] == pytest.approx((inside < LOW_CONFIDENCE).mean(), abs=1e-3)
+    assert not np.allclose(out.confidence, top.mean(axis=(1, 2)), atol=1e-5)  # the box mattered
