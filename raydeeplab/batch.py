@@ -358,4 +358,7 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
     summary.images_per_second = summary.processed / summary.seconds if summary.seconds else 0.0
     record = {**dataclasses.asdict(summary), "model": cfg.model, "arguments": dataclasses.asdict(cfg)}
     storage.write_bytes(storage.join(cfg.output, RUN_SUMMARY), json.dumps(record, indent=2).encode())
+    from raydeeplab.report import write_run_report  # here: report imports this module's column names
+
+    write_run_report(cfg.output, info.class_names)
     return summary

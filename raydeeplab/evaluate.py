@@ -23,6 +23,7 @@ from raydeeplab.config import ConfigError, PredictConfig
 from raydeeplab.data import voc
 from raydeeplab.data.images import IGNORE_LABEL, resize_image, resize_mask
 from raydeeplab.metrics import ConfusionMatrix
+from raydeeplab.report import write_eval_report
 
 TRUTH, MATRIX = "truth", "matrix"
 PROTOCOLS = ("voc", "guide")
@@ -129,6 +130,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         suffix = "" if cfg.protocol == "voc" else f"_{cfg.protocol}"  # both can share a folder
         name = f"eval_{cfg.split}{suffix}.json"
         storage.write_bytes(storage.join(cfg.output, name), json.dumps(scores, indent=2).encode())
+        write_eval_report(cfg.output, scores, total.matrix)
         if cfg.gallery:
             write_gallery(cfg.model, pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"))
     return scores

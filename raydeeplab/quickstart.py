@@ -22,7 +22,7 @@ from raydeeplab.train import BEST, run_train
 CLASSES, SIZE = 4, 64
 
 
-def make_images_to_segment(folder: str, val_pairs: list[voc.Pair]) -> None:
+def make_images_to_segment(folder: str, val_pairs: list[voc.ExampleURIs]) -> None:
     """Photos, the validation images, and a truncated JPEG to show bad input is survivable."""
     for name, photo in zip(synthetic.PHOTOS, synthetic.load_photos()):
         storage.write_bytes(storage.join(folder, "photos", f"{name}.jpg"), encode_jpeg(photo))

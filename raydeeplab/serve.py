@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from ray import serve
 from starlette.datastructures import UploadFile
@@ -42,6 +42,7 @@ from raydeeplab.data.images import (
     resize_image,
     resize_mask,
 )
+from raydeeplab.page import page_html
 from raydeeplab.serve_args import Knobs, ServeArgs
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
@@ -328,6 +329,11 @@ class SegmenterDeployment:
         self.requests += 1
         served = await self.predict_batch(small)
         return await asyncio.to_thread(render, output, image, served, rle)
+
+    @api.get("/", include_in_schema=False)
+    def page(self) -> HTMLResponse:
+        """The browser page (raydeeplab/static/index.html); open: it asks for the token itself."""
+        return HTMLResponse(page_html())
 
     @api.get("/healthz")
     def healthz(self) -> dict:

@@ -39,7 +39,7 @@ import numpy as np
 
 from raydeeplab import storage, telemetry
 from raydeeplab.config import ConfigError, TrainConfig, from_dict
-from raydeeplab.data import voc
+from raydeeplab.data import examples, voc
 from raydeeplab.data.images import IGNORE_LABEL
 from raydeeplab.data.transforms import resize_for_eval, train_transform
 from raydeeplab.errors import UserError
@@ -55,7 +55,7 @@ KEEP_CHECKPOINTS, SCORE = 2, "mean_iou"  # the best 2 by mean IoU, plus the newe
 # ---------------------------------------------------------------- driver side, no Ray
 
 
-def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
+def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[voc.ExampleURIs]]:
     """(train, val) image/mask URI pairs. VOC + ``--sbd`` trains on the standard train_aug set."""
     if cfg.sbd and voc.resolve_layout(cfg.data, cfg.layout) == "voc":
         train = voc.train_aug_pairs(cfg.data, cfg.sbd)
@@ -64,7 +64,7 @@ def dataset_pairs(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
     return train, voc.split_pairs(cfg.data, cfg.layout, cfg.val_split)
 
 
-def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]]:
+def check_train_config(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[voc.ExampleURIs]]:
     """Everything that can be checked before the cluster: flags, model, splits, every mask."""
     from raydeeplab.architectures import ARCHITECTURES
     from raydeeplab.presets import check_model_spec
@@ -89,8 +89,8 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.Pair], list[voc.Pair]
         check_model_spec(cfg.model, backbone_ok=True)  # hub names are checked by keras-hub when downloaded
     with storage.reaching("--data", cfg.data):
         train, val = dataset_pairs(cfg)
-        voc.validate_pairs(train, cfg.num_classes, check_limit=cfg.check_limit)
-        voc.validate_pairs(val, cfg.num_classes, check_limit=cfg.check_limit)
+        examples.validate_pairs(train, cfg.num_classes, check_limit=cfg.check_limit)
+        examples.validate_pairs(val, cfg.num_classes, check_limit=cfg.check_limit)
     per_worker = cfg.batch_size // cfg.workers
     if len(train) // cfg.workers < per_worker:
         raise ConfigError(
@@ -165,7 +165,7 @@ def load_train_batch(
     images, masks = [], []
     for image_uri, mask_uri in zip(batch[voc.IMAGE_URI], batch[voc.MASK_URI]):
         with user_errors_recorded(user_error_marker):
-            example = voc.load_training_example(image_uri, mask_uri, num_classes)
+            example = examples.load_training_example(image_uri, mask_uri, num_classes)
         image, mask = train_transform(*example, size, rng, min_scale, max_scale)
         images.append(image)
         masks.append(mask)
@@ -205,13 +205,13 @@ def setup_distribution(cfg: TrainConfig, rank: int, world: int) -> None:
     recipe.configure_keras(cfg)
 
 
-def val_batches(pairs: list[voc.Pair | None], size: int, batch: int, num_classes: int):
+def val_batches(pairs: list[voc.ExampleURIs | None], size: int, batch: int, num_classes: int):
     """Fixed-shape (images, masks) batches; ``None`` entries are padding (all-ignore masks)."""
 
     def load(pair):
         if pair is None:
             return np.zeros((size, size, 3), np.uint8), np.full((size, size), IGNORE_LABEL, np.uint8)
-        example = voc.load_training_example(pair[voc.IMAGE_URI], pair[voc.MASK_URI], num_classes)
+        example = examples.load_training_example(pair[voc.IMAGE_URI], pair[voc.MASK_URI], num_classes)
         return resize_for_eval(*example, size)
 
     padded = pairs + [None] * (-len(pairs) % batch)
@@ -332,7 +332,7 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
             )
 
 
-def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list[voc.Pair]):
+def build_trainer(cfg: TrainConfig, train_pairs: list[voc.ExampleURIs], val_pairs: list[voc.ExampleURIs]):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.jax import JaxTrainer
 
@@ -364,7 +364,7 @@ def build_trainer(cfg: TrainConfig, train_pairs: list[voc.Pair], val_pairs: list
     )
 
 
-def build_train_dataset(cfg: TrainConfig, train_pairs: list[voc.Pair]):
+def build_train_dataset(cfg: TrainConfig, train_pairs: list[voc.ExampleURIs]):
     """URI pairs -> decoded, augmented examples, in a new random order every epoch."""
     return build_shuffled_pairs(train_pairs).map_batches(
         load_train_batch,
@@ -379,7 +379,7 @@ def build_train_dataset(cfg: TrainConfig, train_pairs: list[voc.Pair]):
     )
 
 
-def build_shuffled_pairs(train_pairs: list[voc.Pair]):
+def build_shuffled_pairs(train_pairs: list[voc.ExampleURIs]):
     """The pairs as a dataset whose every execution (epoch) is a new permutation.
 
     The shuffle moves only the URI rows (a few hundred bytes each), before any image is read;
@@ -455,7 +455,7 @@ def epoch_progress(cfg: TrainConfig, every_s: float = PROGRESS_EVERY_S, poll_s: 
         watcher.join()
 
 
-def run_train(cfg: TrainConfig, pairs: tuple[list[voc.Pair], list[voc.Pair]] | None = None) -> dict:
+def run_train(cfg: TrainConfig, pairs: tuple[list[voc.ExampleURIs], list[voc.ExampleURIs]] | None = None) -> dict:
     """Train, export best/ and last/ from Ray Train's result, write metrics.json and the gallery.
     Ray must be initialised.
 

@@ -6,6 +6,7 @@ import pytest
 
 from raydeeplab.config import ConfigError
 from raydeeplab.data import synthetic, voc
+from raydeeplab.data.examples import load_example
 from raydeeplab.data.images import resize_image, resize_mask
 from raydeeplab.evaluate import EvaluateConfig, run_evaluate
 from raydeeplab.presets import load_model
@@ -26,7 +27,7 @@ def dataset(tmp_path_factory, tiny_model):
     data = str(tmp_path_factory.mktemp("voc"))
     synthetic.make_shapes_dataset(data, 20, size=(50, 70), num_classes=CLASSES, layout="voc")
     segmenter = Segmenter(load_model(tiny_model), batch_size=4)
-    examples = [voc.load_example(p["image_uri"], p["mask_uri"]) for p in voc.voc_pairs(data, "val")]
+    examples = [load_example(p["image_uri"], p["mask_uri"]) for p in voc.voc_pairs(data, "val")]
     predicted = segmenter.predict(np.stack([resize_image(image, SIZE) for image, _ in examples]))
     return data, [truth for _, truth in examples], predicted
 

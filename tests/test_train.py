@@ -13,7 +13,8 @@ import pytest
 
 from raydeeplab import storage
 from raydeeplab.config import ConfigError, TrainConfig
-from raydeeplab.data import synthetic, voc
+from raydeeplab.data import examples, synthetic
+from raydeeplab.data.voc import DatasetError
 from raydeeplab.data.transforms import resize_for_eval
 from raydeeplab.errors import UserError
 from raydeeplab.train import (
@@ -46,7 +47,7 @@ def independent_confusion(model_uri: str, pairs: list[dict]) -> np.ndarray:
     segmenter = Segmenter(load_model(model_uri), batch_size=4)
     matrix = np.zeros((CLASSES, CLASSES), np.int64)
     for pair in pairs:
-        image, truth = resize_for_eval(*voc.load_example(pair["image_uri"], pair["mask_uri"]), SIZE)
+        image, truth = resize_for_eval(*examples.load_example(pair["image_uri"], pair["mask_uri"]), SIZE)
         pred = segmenter.predict(image[None])[0]
         for t in range(CLASSES):
             for p in range(CLASSES):
@@ -162,11 +163,11 @@ def test_killed_worker_resumes_from_its_checkpoint(ray_local, tmp_path):
 
 def test_dataset_problems_are_reported_before_training_with_the_file_name(tmp_path):
     synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=CLASSES, layout="voc")
-    with pytest.raises(voc.DatasetError, match="class value"):
+    with pytest.raises(DatasetError, match="class value"):
         check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out"), num_classes=2))
     split = tmp_path / "voc" / "ImageSets" / "Segmentation" / "val.txt"
     split.unlink()
-    with pytest.raises(voc.DatasetError, match="val.txt"):
+    with pytest.raises(DatasetError, match="val.txt"):
         check_train_config(train_config(str(tmp_path / "voc"), str(tmp_path / "out")))
 
 

@@ -10,15 +10,8 @@ import pytest
 from raydeeplab import storage
 from raydeeplab.data import synthetic
 from raydeeplab.data.images import encode_mask_png
-from raydeeplab.data.voc import (
-    DatasetError,
-    generic_pairs,
-    load_example,
-    sbd_pairs,
-    train_aug_pairs,
-    validate_pairs,
-    voc_pairs,
-)
+from raydeeplab.data.examples import load_example, validate_pairs
+from raydeeplab.data.voc import DatasetError, generic_pairs, sbd_pairs, train_aug_pairs, voc_pairs
 
 SIZE = (48, 64)  # (height, width): small keeps the S3 round trips cheap
 

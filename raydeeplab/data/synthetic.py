@@ -18,13 +18,8 @@ from scipy import ndimage, sparse
 
 from raydeeplab import storage
 from raydeeplab.data.images import IGNORE_LABEL, encode_jpeg, encode_mask_png
+from raydeeplab.data.voc import LAYOUTS
 
-# layout -> (image file, mask file, split file), each "{}" an image id or a split name
-LAYOUT_FILES = {
-    "voc": ("JPEGImages/{}.jpg", "SegmentationClass/{}.png", "ImageSets/Segmentation/{}.txt"),
-    "sbd": ("dataset/img/{}.jpg", "dataset/cls/{}.mat", "dataset/{}.txt"),
-    "generic": ("images/{}.jpg", "masks/{}.png", None),
-}
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # ship inside scikit-image: no download
 VAL_EVERY = 4  # every 4th image goes to val
 
@@ -145,11 +140,11 @@ def make_shapes_dataset(
     in every layout (seeded by ``(seed, i)``), so VOC and SBD sets can share ids like the
     real ones do. ``size`` is ``(height, width)``.
     """
-    if layout not in LAYOUT_FILES:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUT_FILES)}, got {layout!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not 2 <= num_classes <= IGNORE_LABEL:
         raise ValueError(f"num_classes must be in [2, {IGNORE_LABEL}], got {num_classes}")
-    image_file, mask_file, split_file = LAYOUT_FILES[layout]
+    image_file, mask_file, split_file = LAYOUTS[layout]
     backgrounds = load_photos() if photos else None
     splits: dict[str, list[str]] = {"train": [], "val": []}
     for index in range(first_index, first_index + n):
