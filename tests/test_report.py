@@ -90,8 +90,9 @@ def test_predict_writes_a_report_whose_numbers_are_the_runs(ray_local, bucket, t
     counts = sum(np.bincount(np.asarray(m).ravel(), minlength=CLASSES) for m in masks)
     shares = {a["data-class"]: json.loads(a["data-area"]) for a in page.having("data-area")}
     np.testing.assert_allclose([shares[f"class_{i}"] for i in range(CLASSES)], counts / counts.sum())
-    points = page.having("data-rows")  # throughput: 4 parts of 2 inputs, cumulative
-    assert [int(p["data-rows"]) for p in points] == [2, 4, 6, 8]
+    done = [int(p["data-rows"]) for p in page.having("data-rows")]  # throughput: one point per part
+    assert len(done) == len(storage.list_files(f"{out}/predictions")) >= 2
+    assert done == sorted(done) and done[-1] == 8  # cumulative, every input counted once
 
 
 def test_lowest_confidence_rows_are_shown_first_when_the_table_has_confidence(tmp_path):
