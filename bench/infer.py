@@ -30,7 +30,6 @@ Not a test.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
@@ -215,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         in_flight = max(IN_FLIGHT) * actors
         cold = measure_pipeline(cfg, in_flight)
-        warm = measure_pipeline(dataclasses.replace(cfg, output=os.path.join(work, "warm")), in_flight)
+        warm = measure_pipeline(cfg.model_copy(update={"output": os.path.join(work, "warm")}), in_flight)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ray.shutdown()  # flush the workers' log lines before the report

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydeeplab import storage, telemetry
-from raydeeplab.config import ConfigError, PredictConfig
+from raydeeplab.config import ActorOptions, ConfigError, PredictConfig, default_gpus, inference_precision
 from raydeeplab.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
@@ -105,7 +105,6 @@ def completed_inputs(output: str) -> set[str]:
 
 def check_predict_config(cfg: PredictConfig):
     """Every check that needs no cluster: fails fast with the flag's name. Returns the ModelInfo."""
-    cfg.validate()
     with storage.reaching("--input", cfg.input, "read"):
         storage.check_reachable(cfg.input)
         if not storage.exists(cfg.input):
@@ -123,9 +122,7 @@ def check_predict_config(cfg: PredictConfig):
     from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
-    # 21 is also the default: only another value shows that the user asked for one
-    default = next(f.default for f in dataclasses.fields(cfg) if f.name == "num_classes")
-    check_sizes_agree(cfg.model, info, None if cfg.num_classes == default else cfg.num_classes, cfg.image_size)
+    check_sizes_agree(cfg.model, info, cfg.given("num_classes"), cfg.image_size)
     with storage.reaching("--output", cfg.output, "write"):  # last: a failed check leaves no folder behind
         storage.check_writable(cfg.output)
     return info
@@ -165,13 +162,13 @@ def read_input(uri: str) -> bytes:
 class SegmenterPredictor:
     """{IMAGE: (b, S, S, 3) uint8} -> {MASK: (b, S, S) uint8}; the model is loaded once per actor."""
 
-    def __init__(self, cfg: PredictConfig, on_gpu: bool):
+    def __init__(self, cfg: ActorOptions, on_gpu: bool):
         from raydeeplab.presets import load_model
         from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
         started = time.perf_counter()
         enable_compilation_cache(cfg.compile_cache)
-        precision = cfg.precision or ("bfloat16" if on_gpu else None)
+        precision = inference_precision(cfg.precision, on_gpu)
         model = load_model(cfg.model, cfg.num_classes, cfg.image_size, precision, cfg.model_cache)
         self.segmenter = Segmenter(model, cfg.batch_size)
         self.segmenter.warmup()
@@ -276,12 +273,12 @@ class RunSummary:
         )
 
 
-def actor_resources(cfg: PredictConfig) -> tuple[float, int]:
+def actor_resources(cfg: ActorOptions) -> tuple[float, int]:
     """(GPUs per actor, actors): one actor per GPU by default; one CPU actor without GPUs."""
     import ray
 
     gpus = float(ray.cluster_resources().get("GPU", 0))
-    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else (1 if gpus else 0)
+    gpus_per_actor = cfg.gpus_per_actor if cfg.gpus_per_actor is not None else default_gpus(gpus)
     actors = cfg.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else 1)
     return gpus_per_actor, actors
 
@@ -356,7 +353,7 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
     summary.errors_by_reason = dict(reasons)
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.processed / summary.seconds if summary.seconds else 0.0
-    record = {**dataclasses.asdict(summary), "model": cfg.model, "arguments": dataclasses.asdict(cfg)}
+    record = {**dataclasses.asdict(summary), "model": cfg.model, "arguments": cfg.model_dump()}
     storage.write_bytes(storage.join(cfg.output, RUN_SUMMARY), json.dumps(record, indent=2).encode())
     from raydeeplab.report import write_run_report  # here: report imports this module's column names
 

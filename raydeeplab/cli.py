@@ -9,63 +9,70 @@ import time
 STARTED = time.perf_counter()  # "done in" counts from the command's start, imports included
 
 import argparse  # noqa: E402
-import dataclasses  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
+import types  # noqa: E402
+import typing  # noqa: E402
+from typing import Literal  # noqa: E402
 
-from raydeeplab.cluster import absolute, absolute_paths, init_ray, log_folder, set_up_environment, verbose  # noqa: E402
-from raydeeplab.config import PredictConfig, TrainConfig, load_config  # noqa: E402
+from raydeeplab.cluster import init_ray, log_folder, set_up_environment, verbose  # noqa: E402
+from raydeeplab.config import (  # noqa: E402
+    Config,
+    ConfigError,
+    CreateModelConfig,
+    EvaluateConfig,
+    PredictConfig,
+    QuickstartConfig,
+    ServeCommand,
+    TrainConfig,
+    choices,
+    flag,
+    load_config,
+)
 from raydeeplab.errors import UserError  # noqa: E402
-from raydeeplab.evaluate import EvaluateConfig  # noqa: E402
 
-HELP = {
-    "config": "YAML file of the same keys (snake_case); flags override it",
-    "input": "folder, s3://bucket/prefix, or a manifest (.parquet/.csv/.txt of URIs)",
-    "output": "folder or s3://bucket/prefix for the outputs",
-    "model": "architecture name, preset folder, s3:// preset, or keras-hub preset name",
-    "batch_size": "device batch size (fixed shape: a last partial batch is padded)",
-    "image_size": "input size (architecture names; presets carry their own)",
-    "num_classes": "number of classes (architecture names; presets carry their own)",
-    "actors": "GPU actors (default: one per GPU; one on a CPU-only cluster)",
-    "max_pixels": "larger images are recorded as errors (decompression bombs)",
-    "max_error_rate": "exit non-zero when more than this fraction of inputs fails (default 1: never)",
-    "precision": "compute dtype (default: bfloat16 on GPUs, float32 on CPUs)",
-    "data": "dataset root: Pascal VOC, SBD or generic (images/ + masks/) layout; local or s3://",
-    "sbd": "SBD root: with a VOC --data, train on the standard train_aug union",
-    "workers": "Ray Train workers, each with --gpus-per-worker GPUs and --cpus-per-worker CPUs on one node",
-    "wait_for_resources_s": "on an autoscaling cluster: ask for the workers' nodes and wait this long (default 0: fail at once)",
-    "protocol": "voc: label 255 ignored, scored at the source size (default); guide: the Keras guide's (255 = background, at the model size)",
-    "gallery": "write a gallery PNG of this many validation images",
-    "verbose": "show every library and worker log line here (also RAYDEEPLAB_VERBOSE=1)",
-}
+VERBOSE_HELP = "show every library and worker log line here (also RAYDEEPLAB_VERBOSE=1)"
 
 
-def flag_type(annotation: str):
-    return int if "int" in annotation else float if "float" in annotation else str
+def flag_type(annotation) -> type | None:
+    """The argparse type of a field: ``int``, ``float`` or ``str`` (``X | None`` and ``Literal``
+    included); None for fields a flag cannot hold (mappings: YAML and Serve arguments only)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal:
+        annotation = type(typing.get_args(annotation)[0])
+    return annotation if annotation in (int, float, str) else None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per config field (``batch_size`` -> ``--batch-size``); unset flags stay None."""
-    parser.add_argument("--config", help=HELP["config"])
-    for field in dataclasses.fields(cls):
-        name = "--" + field.name.replace("_", "-")
-        parser.add_argument(name, type=flag_type(str(field.type)), help=HELP.get(field.name))
+def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None:
+    """``--config`` and one flag per field (``batch_size`` -> ``--batch-size``), with the field's
+    type, choices and description; flags not given stay None, so YAML values and defaults apply."""
+    parser.add_argument("--config", help="YAML file of the same keys (snake_case); flags override it")
+    for name, field in cls.model_fields.items():
+        kind = flag_type(field.annotation)
+        if kind is None or (field.json_schema_extra or {}).get("flag") is False:
+            continue
+        shown = field.default not in (None, ...) and field.default_factory is None and not field.is_required()
+        text = f"{field.description} (default: {field.default})" if shown else field.description
+        parser.add_argument(flag(name), type=kind, choices=choices(field.annotation) or None, help=text)
 
 
-def config_from_args(cls, args: argparse.Namespace):
-    fields = {f.name for f in dataclasses.fields(cls)}
-    overrides = {k: v for k, v in vars(args).items() if k in fields}
+def config_from_args(cls: type[Config], args: argparse.Namespace):
+    """``--config`` + the flags given -> ``cls``, checked; local paths made absolute."""
+    overrides = {k: v for k, v in vars(args).items() if k in cls.model_fields}
     return load_config(cls, args.config, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raydeeplab", description=__doc__)
     parser.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
-    parser.add_argument("-v", "--verbose", action="store_true", help=HELP["verbose"])
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     # `-v` after the verb too; SUPPRESS keeps a verb's parser from resetting the top-level value
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=HELP["verbose"])
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     def verb(name: str, text: str) -> argparse.ArgumentParser:
@@ -74,22 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(verb("predict", "segment a folder, bucket or manifest"), PredictConfig)
     add_config_flags(verb("train", "fine-tune on Ray Train (JAX, data parallel)"), TrainConfig)
     add_config_flags(verb("evaluate", "mean IoU / pixel accuracy over a split"), EvaluateConfig)
-
-    from raydeeplab.serve_args import add_serve_flags
-
-    add_serve_flags(verb("serve", "online segmentation over HTTP (Ray Serve)"))
-
+    add_config_flags(verb("serve", "online segmentation over HTTP (Ray Serve)"), ServeCommand)
     model = verb("model", "model presets").add_subparsers(dest="action", required=True)
-    create = model.add_parser("create", help="write a random-init preset (offline)", parents=[common])
-    create.add_argument("--arch", required=True)
-    create.add_argument("--num-classes", type=int, default=21)
-    create.add_argument("--image-size", type=int)
-    create.add_argument("--output", required=True)
-
-    quick = verb("quickstart", "offline demo on local Ray: data, model, masks, gallery")
-    quick.add_argument("--output", default="quickstart_out", help="folder for everything it writes")
-    quick.add_argument("--images", type=int, default=48, help="labelled examples to generate")
-    quick.add_argument("--epochs", type=int, default=8)
+    add_config_flags(model.add_parser("create", help="write a random-init preset (offline)", parents=[common]), CreateModelConfig)
+    add_config_flags(verb("quickstart", "offline demo on local Ray: data, model, masks, gallery"), QuickstartConfig)
     return parser
 
 
@@ -148,11 +143,12 @@ def run_train_verb(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_verb(args: argparse.Namespace) -> int:
-    from raydeeplab.evaluate import run_evaluate
+    from raydeeplab.evaluate import check_evaluate_config, run_evaluate
 
     cfg = config_from_args(EvaluateConfig, args)
+    checked = check_evaluate_config(cfg)  # before any cluster work
     start_ray("evaluate", args.address)
-    scores = run_evaluate(cfg)
+    scores = run_evaluate(cfg, checked)
     print(json.dumps({k: scores[k] for k in ("mean_iou", "pixel_accuracy", "images", "split")}))
     return 0
 
@@ -162,28 +158,38 @@ def wait_until_interrupted() -> None:
         time.sleep(3600)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Bind ``host:port`` as Serve's proxy will, so a port taken by another server fails here,
+    in one line, instead of inside Ray after the cluster has started."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            cause = "already in use (another server, or an earlier raydeeplab serve)" if err.errno == errno.EADDRINUSE else err.strerror
+            raise ConfigError(f"--port {port} on {host}: {cause}; stop that process or pick another --port") from err
+
+
 def run_serve_verb(args: argparse.Namespace) -> int:
     """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
     from raydeeplab.cluster import starts_local
-    from raydeeplab.presets import check_sizes_agree, describe_model
-    from raydeeplab.serve_args import ServeArgs, check_port_free, serve_args_from_flags
+    from raydeeplab.model import check_sizes_agree, describe_model
 
-    args = argparse.Namespace(**absolute_paths(vars(args)))
-    ServeArgs.from_dict(serve_args_from_flags(args))  # flag errors before any cluster work
-    check_sizes_agree(args.model, describe_model(args.model), args.num_classes, args.image_size)
+    cfg = config_from_args(ServeCommand, args)  # flag errors before any cluster work
+    check_sizes_agree(cfg.model, describe_model(cfg.model), cfg.given("num_classes"), cfg.image_size)
     from raydeeplab.serve import APP_NAME, app_builder, read_auth_token
 
-    read_auth_token(args.auth_token_env, None)  # a file is read on the replicas' nodes
+    read_auth_token(cfg.auth_token_env, None)  # a file is read on the replicas' nodes
     import ray
     from ray import serve
 
     if starts_local(args.address) and not ray.is_initialized():  # on a cluster, the port is the head node's
-        check_port_free(args.host, args.port)
+        check_port_free(cfg.host, cfg.port)
     init_ray(args.address)
-    application = app_builder(serve_args_from_flags(args, ray.cluster_resources().get("GPU", 0.0)))
-    serve.start(http_options={"host": args.host, "port": args.port})
+    application = app_builder(cfg.app_args(ray.cluster_resources().get("GPU", 0.0)))
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
-    print(f"raydeeplab serve: POST http://{args.host}:{args.port}/segment, docs at /docs; Ctrl-C stops")
+    print(f"raydeeplab serve: POST http://{cfg.host}:{cfg.port}/segment, docs at /docs; Ctrl-C stops")
     try:
         wait_until_interrupted()
     except KeyboardInterrupt:
@@ -194,20 +200,20 @@ def run_serve_verb(args: argparse.Namespace) -> int:
 
 
 def run_model_verb(args: argparse.Namespace) -> int:
-    from raydeeplab.architectures import default_image_size
-    from raydeeplab.presets import create_model
+    from raydeeplab.model import create_model, default_image_size
 
-    output = absolute(args.output)
-    create_model(args.arch, args.num_classes, args.image_size or default_image_size(args.arch), output)
-    print(f"wrote {args.arch} preset ({args.num_classes} classes) to {output}")
+    cfg = config_from_args(CreateModelConfig, args)
+    create_model(cfg.arch, cfg.num_classes, cfg.image_size or default_image_size(cfg.arch), cfg.output)
+    print(f"wrote {cfg.arch} preset ({cfg.num_classes} classes) to {cfg.output}")
     return 0
 
 
 def run_quickstart_verb(args: argparse.Namespace) -> int:
     from raydeeplab.quickstart import quickstart
 
+    cfg = config_from_args(QuickstartConfig, args)
     start_ray("quickstart", args.address, min_cpus=4)  # 2 training workers + data tasks, even on 2 cores
-    result = quickstart(absolute(args.output), args.images, args.epochs)
+    result = quickstart(cfg.output, cfg.images, cfg.epochs)
     say("quickstart", f"masks: {result['masks']}")
     say("quickstart", f"Parquet, one row per image: {result['parquet']}")
     say("quickstart", f"gallery (image | truth | prediction): {result['gallery']}")

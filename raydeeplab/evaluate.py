@@ -12,50 +12,20 @@ Two protocols (``--protocol``), both on the stretched input every mode uses:
 
 from __future__ import annotations
 
-import dataclasses
 import json
+from typing import Any
 
 import numpy as np
 
 from raydeeplab import storage
 from raydeeplab.batch import ERROR, IMAGE, MASK, SegmenterPredictor
-from raydeeplab.config import ConfigError, PredictConfig
+from raydeeplab.config import ConfigError, EvaluateConfig
 from raydeeplab.data import voc
 from raydeeplab.data.images import IGNORE_LABEL, resize_image, resize_mask
 from raydeeplab.metrics import ConfusionMatrix
 from raydeeplab.report import write_eval_report
 
 TRUTH, MATRIX = "truth", "matrix"
-PROTOCOLS = ("voc", "guide")
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    data: str
-    model: str
-    split: str = "val"
-    layout: str = "auto"
-    num_classes: int = 21  # architectures only
-    image_size: int | None = None  # architectures only
-    batch_size: int = 16
-    actors: int | None = None
-    gpus_per_actor: float | None = None
-    output: str | None = None  # folder for metrics JSON and gallery.png
-    gallery: int = 0
-    protocol: str = "voc"  # voc: 255 ignored, source size; guide: 255 = background, model size
-
-    def __post_init__(self):
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-
-    def predict_config(self) -> PredictConfig:
-        return PredictConfig(
-            input=self.data, output=self.output or "", model=self.model, batch_size=self.batch_size,
-            image_size=self.image_size, num_classes=self.num_classes, actors=self.actors,
-            gpus_per_actor=self.gpus_per_actor,
-        )  # fmt: skip
 
 
 def scored_truth(mask: np.ndarray, size: int, protocol: str) -> np.ndarray:
@@ -88,17 +58,35 @@ def batch_confusion(batch: dict, num_classes: int) -> dict:
     return {MATRIX: matrix.matrix.reshape(1, -1)}
 
 
-def run_evaluate(cfg: EvaluateConfig) -> dict:
-    """Scores over the whole split (and a gallery when asked). Ray must be initialised."""
+def check_evaluate_config(cfg: EvaluateConfig) -> tuple[Any, list[voc.Pair]]:
+    """Everything that can be checked before the cluster: --data reachable, the model and the
+    sizes asked for, every mask of the split, --output writable. Returns (model info, pairs)."""
+    from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
+
+    with storage.reaching("--data", cfg.data):
+        storage.check_reachable(cfg.data)
+        if not storage.exists(cfg.data):
+            raise ConfigError(f"--data {cfg.data}: {storage.why_missing(cfg.data)}")
+    info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
+    check_sizes_agree(cfg.model, info, cfg.given("num_classes"), cfg.image_size)
+    with storage.reaching("--data", cfg.data):
+        pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
+        voc.validate_pairs(pairs, info.num_classes)
+    if cfg.output:
+        with storage.reaching("--output", cfg.output, "write"):
+            storage.check_writable(cfg.output)
+    return info, pairs
+
+
+def run_evaluate(cfg: EvaluateConfig, checked: tuple[Any, list[voc.Pair]] | None = None) -> dict:
+    """Scores over the whole split (and a gallery when asked). Ray must be initialised;
+    ``checked`` is what :func:`check_evaluate_config` returned (checked here when not given)."""
     import ray
 
     from raydeeplab.batch import actor_resources
-    from raydeeplab.presets import describe_model
 
-    info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
-    pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
-    voc.validate_pairs(pairs, info.num_classes)
-    gpus_per_actor, actors = actor_resources(cfg.predict_config())
+    info, pairs = checked or check_evaluate_config(cfg)
+    gpus_per_actor, actors = actor_resources(cfg)
     matrices = (
         ray.data.from_items(pairs)
         .map_batches(
@@ -108,7 +96,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict:
         )
         .map_batches(
             SegmenterPredictor,
-            fn_constructor_kwargs={"cfg": cfg.predict_config(), "on_gpu": gpus_per_actor > 0},
+            fn_constructor_kwargs={"cfg": cfg, "on_gpu": gpus_per_actor > 0},
             batch_size=cfg.batch_size,
             num_gpus=gpus_per_actor,
             compute=ray.data.ActorPoolStrategy(size=actors),

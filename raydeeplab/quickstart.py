@@ -13,10 +13,10 @@ import numpy as np
 
 from raydeeplab import storage
 from raydeeplab.batch import run_predict
-from raydeeplab.config import PredictConfig, TrainConfig
+from raydeeplab.config import EvaluateConfig, PredictConfig, TrainConfig
 from raydeeplab.data import synthetic, voc
 from raydeeplab.data.images import encode_jpeg
-from raydeeplab.evaluate import EvaluateConfig, run_evaluate
+from raydeeplab.evaluate import run_evaluate
 from raydeeplab.train import BEST, run_train
 
 CLASSES, SIZE = 4, 64

@@ -17,7 +17,7 @@ import keras_hub
 import numpy as np
 
 from raydeeplab import storage
-from raydeeplab.config import TrainConfig
+from raydeeplab.config import TrainConfig, training_precision
 from raydeeplab.data.images import IGNORE_LABEL
 from raydeeplab.architectures import ARCHITECTURES, ModelError, build_model, deeplab_v3_plus
 from raydeeplab.presets import check_model_spec, local_preset
@@ -104,7 +104,7 @@ def configure_keras(cfg: TrainConfig) -> None:
     import jax
 
     keras.utils.set_random_seed(cfg.seed)
-    precision = cfg.precision or ("mixed_bfloat16" if cfg.gpus_per_worker else "float32")
+    precision = training_precision(cfg.precision, cfg.gpus_per_worker > 0)
     keras.config.set_dtype_policy(precision)
     if len(jax.devices()) > 1:
         keras.distribution.set_distribution(

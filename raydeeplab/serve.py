@@ -33,7 +33,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raydeeplab import telemetry
-from raydeeplab.config import ConfigError
+from raydeeplab.config import ConfigError, Knobs, ServeConfig, inference_precision
 from raydeeplab.data.images import (
     ImageError,
     decode_image,
@@ -43,7 +43,6 @@ from raydeeplab.data.images import (
     resize_mask,
 )
 from raydeeplab.page import page_html
-from raydeeplab.serve_args import Knobs, ServeArgs
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
 
@@ -230,7 +229,7 @@ class SegmenterDeployment:
     """HTTP segmentation; one model load per replica, concurrent requests batched on device."""
 
     def __init__(self, args: dict[str, Any]):
-        self.args = ServeArgs.from_dict(args)
+        self.args = ServeConfig.from_dict(args)
         self.token = read_auth_token(self.args.auth_token_env, self.args.auth_token_file)
         self.loaded: LoadedModel | None = None  # set by the first reconfigure(), before any traffic
         self.knobs: Knobs | None = None
@@ -245,7 +244,7 @@ class SegmenterDeployment:
         model than the built one costs one load, not two. A new model or batch size is built
         and compiled off the event loop while the old one keeps serving, then swapped in.
         """
-        knobs = Knobs.model_validate(user_config)
+        knobs = Knobs.from_dict(user_config)
         if self.loaded is None or knobs.model != self.loaded.spec or (
             device_batch_sizes(knobs.max_batch_size) != sorted(self.loaded.segmenters)
         ):
@@ -265,7 +264,7 @@ class SegmenterDeployment:
         if same_model:
             info, model = previous.info, previous.model
         else:
-            precision = args.precision or ("bfloat16" if args.gpus_per_replica > 0 else None)
+            precision = inference_precision(args.precision, args.gpus_per_replica > 0)
             info = describe_model(knobs.model, args.num_classes, args.image_size)
             model = load_model(knobs.model, args.num_classes, args.image_size, precision, args.model_cache)
         segmenters = {}
@@ -374,8 +373,8 @@ class SegmenterDeployment:
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Serve application builder: ``args`` (see :class:`ServeArgs`) -> bound deployment."""
-    config = ServeArgs.from_dict(args)
+    """Serve application builder: ``args`` (see :class:`~raydeeplab.config.ServeConfig`) -> bound deployment."""
+    config = ServeConfig.from_dict(args)
     options: dict[str, Any] = {
         "user_config": config.knobs().model_dump(),
         # One batch on the device while the next one fills up. Never tiny, even unbatched: a full

@@ -24,7 +24,6 @@ the run's name and storage path under ``OUT`` stay the same.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -38,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from raydeeplab import storage, telemetry
-from raydeeplab.config import ConfigError, TrainConfig, from_dict
+from raydeeplab.config import ConfigError, TrainConfig
 from raydeeplab.data import examples, voc
 from raydeeplab.data.images import IGNORE_LABEL
 from raydeeplab.data.transforms import resize_for_eval, train_transform
@@ -69,7 +68,6 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[vo
     from raydeeplab.architectures import ARCHITECTURES
     from raydeeplab.presets import check_model_spec
 
-    cfg.validate()
     for flag, root in (("--data", cfg.data), ("--sbd", cfg.sbd)):
         if root:
             with storage.reaching(flag, root):
@@ -250,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
     range, a bad preset) cannot be fixed by a retry: it is written where every attempt looks,
     a restarted group then ends at once, and the driver reports it (:func:`run_train`).
     ``--max-failures`` is left for what a retry can fix: a lost node, a killed worker."""
-    cfg = from_dict(TrainConfig, config["cfg"])
+    cfg = TrainConfig.from_dict(config["cfg"])
     marker = user_error_uri(cfg.output)
     if storage.exists(marker):
         return
@@ -352,7 +350,7 @@ def build_trainer(cfg: TrainConfig, train_pairs: list[voc.ExampleURIs], val_pair
     return JaxTrainer(
         train_loop_per_worker,
         train_loop_config={
-            "cfg": dataclasses.asdict(cfg),
+            "cfg": cfg.model_dump(),
             "steps_per_epoch": steps_per_epoch(cfg, len(train_pairs)),
             "val_pairs": val_pairs,
         },

@@ -197,7 +197,7 @@ CASES = {
     "YAML value out of range": (
         ["predict", "--config", "range.yaml"],
         {},
-        ["--batch-size must be >= 1, got 0"],
+        ["--config range.yaml: batch_size must be >= 1, got 0"],
     ),
     "unknown YAML key": (
         ["predict", "--config", "unknown.yaml"],

@@ -4,11 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from raydeeplab.config import ConfigError
+from raydeeplab.config import ConfigError, EvaluateConfig
 from raydeeplab.data import synthetic, voc
 from raydeeplab.data.examples import load_example
 from raydeeplab.data.images import resize_image, resize_mask
-from raydeeplab.evaluate import EvaluateConfig, run_evaluate
+from raydeeplab.evaluate import run_evaluate
 from raydeeplab.presets import load_model
 from raydeeplab.segmenter import Segmenter
 

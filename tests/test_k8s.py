@@ -29,8 +29,7 @@ from packaging.specifiers import SpecifierSet
 
 from raydeeplab import storage
 from raydeeplab.cli import build_parser, config_from_args
-from raydeeplab.config import PredictConfig, TrainConfig
-from raydeeplab.serve_args import ServeArgs
+from raydeeplab.config import PredictConfig, ServeConfig, TrainConfig
 from raydeeplab.train import BEST
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,9 +277,7 @@ def job_config(name: str, doc: dict[str, Any]):
     verb, args = job_args(name, doc)
     if args.config:
         args.config = str(REPO / args.config)
-    cfg = config_from_args(CONFIGS[verb], args)
-    cfg.validate()
-    return cfg
+    return config_from_args(CONFIGS[verb], args)
 
 
 @pytest.mark.parametrize("name, doc", RAY_JOBS, ids=ids(RAY_JOBS))
@@ -707,11 +704,11 @@ def test_rayservice_import_paths_resolve(name, doc):
         assert hasattr(importlib.import_module(module), attribute), application["import_path"]
 
 
-def serve_args(doc: dict[str, Any]) -> ServeArgs:
+def serve_args(doc: dict[str, Any]) -> ServeConfig:
     """The builder arguments of the RayService's one application, validated as Serve will."""
     (application,) = yaml.safe_load(doc["spec"]["serveConfigV2"])["applications"]
     assert application["import_path"] == "raydeeplab.serve:app_builder", "only a builder takes `args`"
-    return ServeArgs.from_dict(application["args"])
+    return ServeConfig.from_dict(application["args"])
 
 
 def trained_models() -> set[str]:

@@ -14,7 +14,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from raydeeplab.config import ConfigError
+from raydeeplab.cli import add_config_flags, config_from_args
+from raydeeplab.config import ConfigError, Knobs, ServeCommand, ServeConfig
 from raydeeplab.data.images import (
     decode_image,
     decode_mask_png,
@@ -26,7 +27,6 @@ from raydeeplab.data.images import (
 )
 from raydeeplab.cli import run_serve_verb
 from raydeeplab.serve import app_builder, device_batch_sizes, read_auth_token
-from raydeeplab.serve_args import Knobs, ServeArgs, add_serve_flags, serve_args_from_flags
 from tests.corpus import BOMB_LIMIT, corpus
 from tests.s3_server import free_port
 
@@ -251,7 +251,7 @@ def test_user_config_swaps_model_and_batching_on_the_live_replica(client, base_a
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--address")  # cli.py's global flag
-    add_serve_flags(parser)
+    add_config_flags(parser, ServeCommand)
     return parser
 
 
@@ -303,7 +303,7 @@ def test_unknown_or_conflicting_arguments_fail_with_the_key():
     with pytest.raises(ConfigError, match="max_batch_size"):
         app_builder({"max_batch_size": 0})
     with pytest.raises(ConfigError, match="image_size"):
-        ServeArgs.from_dict({"image_size": 100})
+        ServeConfig.from_dict({"image_size": 100})
     with pytest.raises(ValueError, match="batch_size"):  # what reconfigure() does with user_config
         Knobs.model_validate({"model": "tiny", "batch_size": 4})
 
@@ -312,12 +312,13 @@ def test_flags_become_builder_arguments_with_autoscaling():
     args = serve_parser().parse_args(
         ["--model", "tiny", "--replicas", "2", "--max-replicas", "6", "--max-batch-size", "4"]
     )
-    values = serve_args_from_flags(args, cluster_gpus=8)
+    values = config_from_args(ServeCommand, args).app_args(cluster_gpus=8)
     assert values["autoscaling_config"] == {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 4}
     assert values["gpus_per_replica"] == 1.0 and "replicas" not in values
-    assert ServeArgs.from_dict(values).max_batch_size == 4
-    with pytest.raises(SystemExit):  # argparse: one token source only
-        serve_parser().parse_args(["--model", "tiny", "--auth-token-env", "A", "--auth-token-file", "b"])
+    assert ServeConfig.from_dict(values).max_batch_size == 4
+    both = serve_parser().parse_args(["--model", "tiny", "--auth-token-env", "A", "--auth-token-file", "b"])
+    with pytest.raises(ConfigError, match="not both"):  # one token source only
+        config_from_args(ServeCommand, both)
 
 
 def test_auth_token_comes_from_an_env_var_or_a_file(tmp_path, monkeypatch):
@@ -349,7 +350,7 @@ def test_checked_in_serve_config_deploys_the_builder_with_valid_args():
     (application,) = config["applications"]
     assert application["import_path"] == "raydeeplab.serve:app_builder"
     assert "deployments" not in application, "options come from args, through app_builder, only"
-    args = ServeArgs.from_dict(application["args"])
+    args = ServeConfig.from_dict(application["args"])
     assert args.model.startswith("s3://") and args.auth_token_file and args.gpus_per_replica == 1
     app_builder(application["args"])  # what Serve calls with them
 

@@ -14,12 +14,13 @@ import io
 import numpy as np
 from PIL import Image, ImageOps
 
+from raydeeplab.config import MAX_PIXELS
+
 # Pillow's own bomb check is a process-wide constant; ours is per call (``max_pixels``)
 # and runs on the header before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-DEFAULT_MAX_PIXELS = 100_000_000  # 100 MP: far above any photo, far below a decompression bomb
 IGNORE_LABEL = 255  # VOC object borders and padding: excluded from loss and metrics
 MEAN_PIXEL = (124, 116, 104)  # ImageNet mean x 255: padding that normalises to ~0, not to -2
 
@@ -51,7 +52,7 @@ class ImageError(ValueError):
     """An input that cannot be segmented; ``str(err)`` is the reason recorded in outputs."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes -> ``(H, W, 3) uint8`` RGB, upright as the camera meant it."""
     if not data:
         raise ImageError("empty file")
