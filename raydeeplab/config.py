@@ -225,6 +225,15 @@ class PredictConfig(ActorOptions):
     max_error_rate: float = Field(
         1.0, ge=0, le=1, description="exit non-zero when more than this fraction of inputs fails (1: never)"
     )
+    image_column: str | None = Field(
+        None, min_length=1, description="--input is Parquet shards (file, folder or glob): the column of image bytes"
+    )
+    id_column: str | None = Field(
+        None, min_length=1, description="with --image-column: the column of row ids (masks/<id>.png, the path column)"
+    )
+    masks: Literal["png", "parquet", "both"] = Field(
+        "png", description="png: one PNG object per image; parquet: the mask's PNG bytes in the predictions table"
+    )
 
 
 class EvaluateConfig(ActorOptions):

@@ -1,0 +1,105 @@
+"""Parquet shards of image bytes in, masks packed in Parquet out (issue 11, items 2 and 3):
+real JPEG/PNG bytes, a real S3 server, a real local Ray cluster, and the CLI from a temp cwd."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raydeeplab import storage
+from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, MASK_PNG, PATH, ROWS_PER_FILE, read_mask, run_predict
+from raydeeplab.config import PredictConfig
+from raydeeplab.data.images import decode_mask_png, encode_jpeg
+from tests.corpus import BOMB_LIMIT, corpus, photo
+from tests.test_cli import SCRIPT
+
+
+def write_shard(uri: str, ids: list, images: list[bytes]) -> None:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"key": ids, "jpeg": pa.array(images, pa.binary()), "note": ["x"] * len(ids)}), sink)
+    storage.write_bytes(uri, sink.getvalue())
+
+
+def read_rows(output: str) -> list[dict]:
+    rows = []
+    for part in storage.list_files(storage.join(output, "predictions"), (".parquet",)):
+        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
+    return rows
+
+
+def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket, tiny_model):
+    cases = corpus()  # id -> (bytes, expected size or error reason)
+    names = sorted(cases)
+    half = len(names) // 2
+    write_shard(f"{bucket}/shards/part-0.parquet", names[:half], [cases[n][0] for n in names[:half]])
+    rest = [*names[half:], None, "../escaped.jpg"]  # a row without an id; an id that would leave --output
+    write_shard(f"{bucket}/shards/part-1.parquet", rest, [cases[n][0] if n in cases else encode_jpeg(photo()) for n in rest])
+    write_shard(f"{bucket}/shards/other.parquet", ["never-read"], [encode_jpeg(photo())])  # outside the glob
+    output = f"{bucket}/out"
+
+    cfg = PredictConfig(
+        input=f"{bucket}/shards/part-*.parquet", output=output, model=tiny_model, image_column="jpeg",
+        id_column="key", masks="both", batch_size=4, decode_batch_size=4, max_pixels=BOMB_LIMIT,
+    )  # fmt: skip
+    summary = run_predict(cfg)
+
+    rows = read_rows(output)
+    assert len(rows) == len(names) + 2
+    by_path = {r[PATH]: r for r in rows}
+    for name in names:
+        row, expected = by_path[name], cases[name][1]
+        if isinstance(expected, str):
+            assert row[ERROR].startswith(expected), (name, row[ERROR])
+            assert row[MASK_PATH] is None and row[MASK_PNG] is None
+            continue
+        assert row[ERROR] is None, (name, row[ERROR])
+        assert row[MASK_PATH] == f"{output}/masks/{name}.png"  # the id names the mask
+        mask = decode_mask_png(storage.read_bytes(row[MASK_PATH]))
+        assert mask.shape == expected
+        np.testing.assert_array_equal(read_mask(row), mask)  # the table's PNG is the object's
+        np.testing.assert_array_equal(row[CLASS_PIXELS], np.bincount(mask.ravel(), minlength=5))
+    missing = by_path[f"{bucket}/shards/part-1.parquet"]
+    assert missing[ERROR].startswith("missing id: a row of") and "key" in missing[ERROR]
+    assert by_path["../escaped.jpg"][ERROR].startswith("unsafe path:")
+    assert "never-read" not in by_path
+    assert summary.errors_by_reason == {
+        "empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1, "missing id": 1, "unsafe path": 1,
+    }  # fmt: skip
+    assert (summary.ok, summary.failed) == (len(names) - 4, 6)
+    assert all(storage.is_inside(u, output) for u in storage.list_files(bucket) if "/shards/" not in u)
+
+    again = run_predict(cfg)  # resume: every id already has a row
+    assert (again.ok, again.failed) == (0, 0) and len(read_rows(output)) == len(rows)
+
+
+def test_cli_local_shards_with_masks_in_parquet_write_a_few_files_not_one_per_image(tmp_path, tiny_model):
+    """`--masks parquet`: N images make O(N / rows-per-file) files, counted on disk."""
+    sizes = [(30 + 3 * i, 40 + 5 * i) for i in range(40)]
+    images = [encode_jpeg(photo(h, w)) for h, w in sizes]
+    (tmp_path / "shards").mkdir()
+    write_shard(str(tmp_path / "shards/part-0.parquet"), list(range(0, 20)), images[:20])  # integer ids
+    write_shard(str(tmp_path / "shards/part-1.parquet"), list(range(20, 40)), images[20:])
+
+    argv = ["predict", "--input", "shards/part-*.parquet", "--image-column", "jpeg", "--id-column", "key",
+            "--output", "out", "--model", tiny_model, "--masks", "parquet", "--batch-size", "4"]  # fmt: skip
+    run = subprocess.run([SCRIPT, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1].startswith("raydeeplab predict: 40 ok, 0 failed"), run.stdout
+
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    parts = [p for p in written if p.parent.name == "predictions"]
+    assert not (tmp_path / "out/masks").exists()
+    assert 1 <= len(parts) <= 4 and len(written) <= 8, sorted(map(str, written))  # not 40 mask objects
+    assert ROWS_PER_FILE >= 40
+    rows = {r[PATH]: r for r in read_rows(str(tmp_path / "out"))}
+    assert set(rows) == {str(i) for i in range(40)}
+    for i, (height, width) in enumerate(sizes):
+        row = rows[str(i)]
+        assert row[MASK_PATH] is None
+        mask = read_mask(row)
+        assert mask.shape == (height, width) and mask.max() < 5
+        np.testing.assert_array_equal(row[CLASS_PIXELS], np.bincount(mask.ravel(), minlength=5))
