@@ -228,17 +228,36 @@ def load_model(
     if spec in ARCHITECTURES:
         keras.utils.set_random_seed(0)  # every actor must build the same random weights
         model = build_model(spec, num_classes, image_size or default_image_size(spec))
-        return model if dtype is None else rebuild_with_dtype(model, dtype)
-    kwargs = {"dtype": dtype} if dtype else {}
-    with storage.reaching("--model", spec):
-        folder = local_preset(spec, cache_dir)
+    else:
+        with storage.reaching("--model", spec):
+            folder = local_preset(spec, cache_dir)
+        try:
+            model = keras_hub.models.ImageSegmenter.from_preset(folder)
+        except (OSError, ValueError) as err:  # an h5 cut short; weights of another architecture or size
+            raise ModelError(f"--model {spec}: cannot load the preset ({cause_text(err)}); {RESAVE}") from err
+    return model if dtype is None else with_dtype(model, dtype)
+
+
+def with_dtype(model: keras.Model, dtype: str) -> keras.Model:
+    """``model`` rebuilt with every layer under the ``dtype`` policy, same weights.
+
+    ``from_preset(..., dtype=)`` is not enough: it sets the outer model's policy, while the layers
+    keras-hub's backbones create and the nested image encoder keep the float32 they were saved
+    with, so a "bfloat16" model silently computed in float32 (2x the memory and time on a GPU).
+    """
+    def retag(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy":
+                return {**node, "config": {**node["config"], "name": dtype}}
+            return {key: retag(value) for key, value in node.items()}
+        return [retag(value) for value in node] if isinstance(node, list) else node
+
+    config = retag(keras.saving.serialize_keras_object(model))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(dtype)  # layers built inside a backbone's __init__ take the global policy
     try:
-        return keras_hub.models.ImageSegmenter.from_preset(folder, **kwargs)
-    except (OSError, ValueError) as err:  # an h5 cut short; weights of another architecture or size
-        raise ModelError(f"--model {spec}: cannot load the preset ({cause_text(err)}); {RESAVE}") from err
-
-
-def rebuild_with_dtype(model, dtype: str):
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_to_preset(tmp)
-        return keras_hub.models.ImageSegmenter.from_preset(tmp, dtype=dtype)
+        rebuilt = keras.saving.deserialize_keras_object(config)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
