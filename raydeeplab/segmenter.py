@@ -59,7 +59,7 @@ def build_mask_model(segmenter: keras.Model, batch_size: int) -> keras.Model:
     """
     images, x = uint8_inputs(segmenter, batch_size)
     boxes = keras.Input((4,), batch_size=batch_size, dtype="int32", name="boxes")
-    probs = probabilities(segmenter, segmenter(x, training=False))  # keras-hub #2495: never training mode
+    probs = probabilities(segmenter, class_scores(segmenter, x))
     masks = keras.ops.cast(keras.ops.argmax(probs, axis=-1), "uint8")
     confidence, low = box_means(keras.ops.max(probs, axis=-1), boxes)
     return keras.Model([images, boxes], [masks, confidence, low], name="mask_model")
@@ -76,7 +76,7 @@ def build_tile_model(segmenter: keras.Model, batch_size: int, overlap: int) -> k
 
     images, x = uint8_inputs(segmenter, batch_size)
     boxes = keras.Input((4,), batch_size=batch_size, dtype="int32", name="boxes")
-    probs = probabilities(segmenter, segmenter(x, training=False))
+    probs = probabilities(segmenter, class_scores(segmenter, x))
     masks = keras.ops.cast(keras.ops.argmax(probs, axis=-1), "uint8")
     area = box_area(boxes, probs.shape[1])
     confidence, low = (mean * area for mean in box_means(keras.ops.max(probs, axis=-1), boxes))
@@ -88,6 +88,29 @@ def build_tile_model(segmenter: keras.Model, batch_size: int, overlap: int) -> k
     ]
     bands = keras.ops.cast(keras.ops.concatenate(pieces, axis=1), "float16")
     return keras.Model([images, boxes], [masks, confidence, low, bands], name="tile_model")
+
+
+def class_scores(segmenter: keras.Model, x):
+    """The segmenter's output for ``x`` (inference mode), with DeepLabV3+'s 1x1 classifier moved
+    before the backbone's final bilinear upsampling.
+
+    keras-hub upsamples 256 feature channels to the full input size and then classifies; both
+    steps are linear per channel (bilinear weights sum to 1, the head is a plain 1x1 conv), so
+    classifying first and upsampling ``num_classes`` channels gives the same scores up to float
+    rounding, with a full-resolution tensor 256/num_classes times smaller (12x for VOC): the
+    difference between fitting batch 64 at 512 px on one GPU or not. Other architectures run as is.
+    """
+    backbone, head = getattr(segmenter, "backbone", None), getattr(segmenter, "output_conv", None)
+    try:
+        upsample = backbone.get_layer("backbone_output_upsampling")
+    except (AttributeError, ValueError):
+        return segmenter(x, training=False)  # keras-hub #2495: never training mode
+    if head.kernel.shape[:2] != (1, 1) or head.use_bias:
+        return segmenter(x, training=False)
+    features = keras.Model(backbone.input, upsample.input)(x, training=False)
+    kernel = keras.ops.cast(head.kernel[0, 0], features.dtype)
+    scores = upsample(keras.ops.einsum("bhwc,ck->bhwk", features, kernel))
+    return head.activation(scores)
 
 
 LOW_CONFIDENCE = 0.5  # a pixel whose top class has less than this is counted as low confidence

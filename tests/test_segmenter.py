@@ -103,3 +103,31 @@ def test_confidence_is_the_mean_top_class_softmax_of_the_models_own_output(segme
         assert out.confidence[i] == pytest.approx(inside.mean(), abs=1e-5)
         assert out.low_confidence_fraction[i] == pytest.approx((inside < LOW_CONFIDENCE).mean(), abs=1e-3)
     assert not np.allclose(out.confidence, top.mean(axis=(1, 2)), atol=1e-5)  # the box mattered
+
+
+def test_classifier_before_upsampling_gives_keras_hubs_scores_in_less_memory(segmenter):
+    """``class_scores`` reorders DeepLabV3+'s head; the scores must be keras-hub's own, and the
+    full-resolution temp must shrink (JAX's compiled memory analysis)."""
+    import jax
+
+    from raydeeplab.segmenter import class_scores
+
+    model = segmenter.model
+    size = segmenter.image_size
+    x = np.random.default_rng(1).uniform(-2, 2, (2, size, size, 3)).astype("float32")
+    expected = np.asarray(model(x, training=False))
+    got = np.asarray(class_scores(model, keras.ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max())
+
+    def temp_bytes(fn) -> int:
+        variables = model.trainable_variables + model.non_trainable_variables
+
+        def forward(values, x):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                return fn(x)
+
+        state = [v.value for v in variables]
+
+        return jax.jit(forward).lower(state, x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(lambda x: class_scores(model, x)) < temp_bytes(lambda x: model(x, training=False)) / 2
