@@ -173,7 +173,7 @@ def check_port_free(host: str, port: int) -> None:
 def run_serve_verb(args: argparse.Namespace) -> int:
     """``raydeeplab serve``: check flags, start Ray and Serve on ``--host:--port``, block until Ctrl-C."""
     from raydeeplab.cluster import starts_local
-    from raydeeplab.model import check_sizes_agree, describe_model
+    from raydeeplab.presets import check_sizes_agree, describe_model
 
     cfg = config_from_args(ServeCommand, args)  # flag errors before any cluster work
     check_sizes_agree(cfg.model, describe_model(cfg.model), cfg.given("num_classes"), cfg.image_size)
@@ -200,7 +200,8 @@ def run_serve_verb(args: argparse.Namespace) -> int:
 
 
 def run_model_verb(args: argparse.Namespace) -> int:
-    from raydeeplab.model import create_model, default_image_size
+    from raydeeplab.architectures import default_image_size
+    from raydeeplab.presets import create_model
 
     cfg = config_from_args(CreateModelConfig, args)
     create_model(cfg.arch, cfg.num_classes, cfg.image_size or default_image_size(cfg.arch), cfg.output)
