@@ -214,9 +214,9 @@ def val_batches(pairs: list[voc.ExampleURIs | None], size: int, batch: int, num_
 
     padded = pairs + [None] * (-len(pairs) % batch)
     with ThreadPoolExecutor(8) as pool:  # I/O bound: S3 reads overlap
-        examples = pool.map(load, padded)
+        loaded = pool.map(load, padded)
         for _ in range(0, len(padded), batch):
-            chunk = [next(examples) for _ in range(batch)]
+            chunk = [next(loaded) for _ in range(batch)]
             yield np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])
 
 
