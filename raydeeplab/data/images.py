@@ -60,11 +60,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         image = Image.open(io.BytesIO(data))  # reads the header only: size is known, pixels are not
     except Exception as err:  # Pillow raises many types for garbage input
         raise ImageError(f"not an image: {type(err).__name__}: {err}") from None
+    check_pixels(image, max_pixels)
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(
-            f"too many pixels: {width}x{height} = {width * height} > max_pixels={max_pixels}"
-        )
     if width == 0 or height == 0:
         raise ImageError(f"empty image: {width}x{height}")
     try:
@@ -73,6 +70,15 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         return to_rgb(image)
     except Exception as err:
         raise ImageError(f"corrupt image: {type(err).__name__}: {err}") from None
+
+
+def check_pixels(image: Image.Image, max_pixels: int) -> None:
+    """Refuse a decompression bomb from its header, before Pillow allocates its pixels."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"too many pixels: {width}x{height} = {width * height} > max_pixels={max_pixels}"
+        )
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
@@ -165,11 +171,12 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
     return out.getvalue()
 
 
-def decode_mask_png(data: bytes) -> np.ndarray:
+def decode_mask_png(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Palette (or gray) PNG -> ``(H, W) uint8`` class map; the palette is ignored."""
     image = Image.open(io.BytesIO(data))
     if image.mode not in ("P", "L"):
         raise ImageError(f"mask must be a palette or gray PNG, got mode {image.mode}")
+    check_pixels(image, max_pixels)  # a mask bomb decodes as fully as an image bomb
     return np.asarray(image, dtype=np.uint8)
 
 
