@@ -62,6 +62,11 @@ MAX_GPU_WORK_CPU_SHARE = 0.5
 OPERATOR_VERSION = re.compile(r"helm install kuberay-operator kuberay/kuberay-operator --version (\d+\.\d+\.\d+)")
 CREDENTIAL_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|SESSION_KEY|CREDENTIAL", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"^<[^<>]+>$")
+# AWS access key ids, PEM private keys, GitHub tokens, long hex or base64 runs: what a pasted key looks like.
+KEY_SHAPED = re.compile(
+    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b|-----BEGIN [A-Z ]*PRIVATE KEY-----|\bgh[pousr]_[A-Za-z0-9]{36}\b"
+    r"|\b[0-9a-f]{40,}\b|[A-Za-z0-9+/]{40,}={0,2}"
+)
 DOCKERFILE_INSTRUCTIONS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
     "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
@@ -481,17 +486,46 @@ def security_errors(where: str, context: dict[str, Any] | None, mounts: list[dic
     return errors
 
 
+def pod_errors(where: str, spec: dict[str, Any]) -> list[str]:
+    """What a pod spec leaves open: root or an unnamed user, host namespaces, host folders, a
+    /tmp that is not the pod's own scratch space."""
+    pod = spec.get("securityContext", {})
+    errors = []
+    if pod.get("runAsNonRoot") is not True or not isinstance(pod.get("runAsUser"), int) or pod["runAsUser"] == 0:
+        errors.append(f"{where}: runAsNonRoot must be true with an explicit non-zero runAsUser")
+    if pod.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        errors.append(f"{where}: seccompProfile must be RuntimeDefault")
+    errors += [f"{where}: {key} shares the node's namespace" for key in ("hostNetwork", "hostPID", "hostIPC") if spec.get(key)]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    errors += [f"{where}: volume {name} mounts a node folder (hostPath)" for name, v in volumes.items() if "hostPath" in v]
+    for container in spec["containers"] + spec.get("initContainers", []):
+        tmp = [m["name"] for m in container.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+        if tmp and "emptyDir" not in volumes.get(tmp[0], {}):
+            errors.append(f"{where} {container['name']}: /tmp must be an emptyDir (Ray's session folder, per pod)")
+    return errors
+
+
 @pytest.mark.parametrize("where, template", POD_TEMPLATES, ids=[where for where, _ in POD_TEMPLATES])
 def test_every_pod_runs_as_non_root_without_privilege_escalation(where, template):
-    pod = template["spec"].get("securityContext", {})
-    assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 1000) != 0, f"{where}: {pod}"
-    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", f"{where}: {pod}"
     spec = template["spec"]
-    errors = []
+    errors = pod_errors(where, spec)
     for container in spec["containers"] + spec.get("initContainers", []):
         context, mounts = container.get("securityContext"), container.get("volumeMounts", [])
         errors += security_errors(f"{where} {container['name']}", context, mounts)
     assert errors == []
+
+
+def test_pod_check_finds_root_host_access_and_a_shared_tmp():
+    spec = copy.deepcopy(raycluster()["spec"]["headGroupSpec"]["template"]["spec"])
+    assert pod_errors("head", spec) == []
+    del spec["securityContext"]["runAsUser"]  # the image's user would decide: root for many images
+    spec["hostNetwork"] = True
+    tmp = next(v for v in spec["volumes"] if v["name"] == "tmp")
+    del tmp["emptyDir"]
+    tmp["hostPath"] = {"path": "/tmp"}
+    errors = pod_errors("head", spec)
+    assert len(errors) == 4, errors
+    assert "runAsUser" in errors[0] and "hostNetwork" in errors[1] and "hostPath" in errors[2] and "emptyDir" in errors[3]
 
 
 def test_security_check_finds_what_an_open_container_leaves():
@@ -570,6 +604,36 @@ def test_manifest_holds_no_literal_credentials(name, doc):
     assert doc["kind"] != "Secret", f"{name}: Secrets are created with kubectl, not committed"
 
 
+def credential_sources(doc: dict[str, Any]) -> list[str]:
+    """Credential-named env vars of every container not taken from a Secret (a ConfigMap or a
+    field is readable by anyone who may read the pod or the map)."""
+    wrong = []
+    for where, container in containers(doc):
+        for entry in container.get("env", []):
+            if CREDENTIAL_NAME.search(entry["name"]) and "secretKeyRef" not in entry.get("valueFrom", {}):
+                wrong.append(f"{where}: {entry['name']}")
+        wrong += [f"{where}: envFrom {s['configMapRef']['name']}" for s in container.get("envFrom", []) if "configMapRef" in s]
+    return wrong
+
+
+@pytest.mark.parametrize("name, doc", NOT_EXAMPLES, ids=ids(NOT_EXAMPLES))
+def test_credentials_come_only_from_secrets(name, doc):
+    assert credential_sources(doc) == []
+    text = yaml.safe_dump(doc)
+    assert not KEY_SHAPED.findall(text), f"{name}: a literal that looks like a key: {KEY_SHAPED.findall(text)}"
+
+
+def test_credential_check_finds_a_configmap_and_a_literal_key():
+    doc = raycluster()
+    container = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    container["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "valueFrom": {"configMapKeyRef": {"name": "s3", "key": "k"}}})
+    container["envFrom"].append({"configMapRef": {"name": "settings"}})
+    # The manifest's YAML anchors share env lists among its containers: each one reports both.
+    assert {found.split(": ", 1)[1] for found in credential_sources(doc)} == {"AWS_SECRET_ACCESS_KEY", "envFrom settings"}
+    container["env"].append({"name": "NOTE", "value": "AKIAIOSFODNN7EXAMPLE"})  # AWS's documented example id
+    assert KEY_SHAPED.findall(yaml.safe_dump(doc))
+
+
 @pytest.mark.parametrize("name, doc", RAY_MANIFESTS, ids=ids(RAY_MANIFESTS))
 def test_every_ray_pod_reads_the_s3_secret(name, doc):
     (secret,) = yaml.safe_load_all(SECRET_EXAMPLE.read_text())
@@ -609,6 +673,17 @@ def test_dockerfile_is_made_of_known_instructions_from_one_base():
     instructions = [instruction for instruction, _ in dockerfile()]
     assert instructions[0] == "FROM", instructions
     assert set(instructions) <= DOCKERFILE_INSTRUCTIONS, set(instructions) - DOCKERFILE_INSTRUCTIONS
+
+
+def test_dockerfile_runs_as_the_non_root_ray_user_and_bakes_in_no_credentials():
+    """rayproject/ray's user is `ray` (uid 1000, the pods' runAsUser); a USER root line would
+    leave files root-owned that the read-only-root pods cannot fix."""
+    instructions = dockerfile()
+    users = [args for instruction, args in instructions if instruction == "USER"]
+    assert users in ([], ["ray"], ["1000"]) or users[-1] in ("ray", "1000"), users
+    names = [item.split("=", 1)[0] for i, args in instructions if i in ("ENV", "ARG") for item in shlex.split(args)]
+    assert [n for n in names if CREDENTIAL_NAME.search(n)] == [], "credentials are Secrets, never image layers"
+    assert not KEY_SHAPED.findall((REPO / "Dockerfile").read_text())
 
 
 def test_dockerfile_python_is_one_the_project_supports():
