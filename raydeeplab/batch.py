@@ -257,12 +257,21 @@ def read_input(uri: str) -> bytes:
         raise ImageError(f"unreadable: {type(err).__name__}: {err}") from None
 
 
+class ModelLoadError(UserError):
+    """A user error an actor met loading the model. Ray Data appends retry advice to a UDF's
+    error on new lines, which is no help here: the message is the first line."""
+
+    def __str__(self) -> str:
+        return super().__str__().split("\n", 1)[0]
+
+
 class SegmenterPredictor:
     """{IMAGE: (b, S, S, 3) uint8} -> {MASK: (b, S, S) uint8}; the model is loaded once per actor.
 
     A user error while loading (a preset whose weights do not fit its head) is kept and raised
     by the first call: raised here, Ray would restart the actor for ~80 s before giving up;
-    raised by a call, it fails the job at once and reaches the CLI as that UserError (exit 2).
+    raised by a call (with ``raise_original_map_exception``), it fails the job at once and
+    reaches the CLI as a UserError (exit 2).
     """
 
     def __init__(self, cfg: ActorOptions, on_gpu: bool):
@@ -285,7 +294,7 @@ class SegmenterPredictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if self.load_error is not None:
-            raise self.load_error
+            raise ModelLoadError(str(self.load_error)) from self.load_error
         images = batch.pop(IMAGE)
         ok = batch[ERROR] == ""
         if ok.all():  # the usual case: no boolean-index copies (24 ms of host time per 64 x 512^2 batch)
@@ -470,6 +479,7 @@ def build_pipeline(cfg: PredictConfig, inputs, info):
     import ray
 
     gpus_per_actor, actors = actor_resources(cfg)
+    inputs.context.raise_original_map_exception = True  # a UserError reaches the CLI as itself
     return (
         inputs
         .map_batches(

@@ -91,6 +91,11 @@ def workspace(tmp_path_factory, tiny_model, moto_s3) -> Path:
     weights = cwd / "truncated/model.weights.h5"  # a copy cut short
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     classifier_preset(cwd / "classifier")
+    from raydeeplab.presets import create_model
+
+    create_model("tiny", num_classes=3, image_size=64, output=str(cwd / "tiny3"))
+    shutil.copytree(tiny_model, cwd / "misfit")  # a 3-class head under a 5-class preset: only loading tells
+    shutil.copy(cwd / "tiny3/task.weights.h5", cwd / "misfit/task.weights.h5")
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=moto_s3)
@@ -228,6 +233,11 @@ CASES = {
         [*PREDICT, "tiny5", "--num-classes", "7"],
         {},
         ["--num-classes 7 disagrees with --model {cwd}/tiny5, which has 5", "drop --num-classes"],
+    ),
+    "preset whose head does not fit (found by the Ray actor loading it)": (
+        [*PREDICT, "misfit"],
+        {},
+        ["--model {cwd}/misfit: cannot load the preset (ValueError:", "save it again", "raised in a Ray worker"],
     ),
     "serve on a port in use": (
         ["serve", "--model", "tiny", "--port", "{busy_port}"],
