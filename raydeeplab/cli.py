@@ -24,6 +24,7 @@ from raydeeplab.config import (  # noqa: E402
     ConfigError,
     CreateModelConfig,
     EvaluateConfig,
+    ExportModelConfig,
     PredictConfig,
     QuickstartConfig,
     ServeCommand,
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(verb("serve", "online segmentation over HTTP (Ray Serve)"), ServeCommand)
     model = verb("model", "model presets").add_subparsers(dest="action", required=True)
     add_config_flags(model.add_parser("create", help="write a random-init preset (offline)", parents=[common]), CreateModelConfig)
+    add_config_flags(model.add_parser("export", help="write a SavedModel or ONNX model: uint8 in, class map out", parents=[common]), ExportModelConfig)
     add_config_flags(verb("quickstart", "offline demo on local Ray: data, model, masks, gallery"), QuickstartConfig)
     return parser
 
@@ -200,12 +202,24 @@ def run_serve_verb(args: argparse.Namespace) -> int:
 
 
 def run_model_verb(args: argparse.Namespace) -> int:
+    if args.action == "export":
+        return run_model_export(args)
     from raydeeplab.architectures import default_image_size
     from raydeeplab.presets import create_model
 
     cfg = config_from_args(CreateModelConfig, args)
     create_model(cfg.arch, cfg.num_classes, cfg.image_size or default_image_size(cfg.arch), cfg.output)
     print(f"wrote {cfg.arch} preset ({cfg.num_classes} classes) to {cfg.output}")
+    return 0
+
+
+def run_model_export(args: argparse.Namespace) -> int:
+    from raydeeplab.export import export_model
+
+    cfg = config_from_args(ExportModelConfig, args)
+    say("model", f"exporting {cfg.model} as {cfg.format} (TensorFlow and tf2onnx run in a child process)")
+    written = export_model(cfg.model, cfg.format, cfg.output, cfg.batch_size, cfg.num_classes, cfg.image_size, cfg.model_cache)
+    say("model", f"wrote {cfg.output} ({written['bytes'] / 1e6:.1f} MB; inputs, outputs and classes in raydeeplab.json)")
     return 0
 
 

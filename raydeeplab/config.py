@@ -404,6 +404,21 @@ class CreateModelConfig(Config):
     output: str = Field(min_length=1, description="folder or s3:// prefix to write the preset to")
 
 
+ExportFormat = Literal["saved_model", "onnx"]
+
+
+class ExportModelConfig(Config):
+    """``raydeeplab model export``: uint8 images in, class map out, as files needing nothing of ours."""
+
+    model: str = Field(min_length=1, description=MODEL_HELP)
+    format: ExportFormat = Field(description="saved_model (TensorFlow) or onnx (ONNX Runtime and others)")
+    output: str = Field(min_length=1, description="folder or s3:// prefix to write to")
+    batch_size: int | None = Field(None, ge=1, description="fix the batch dimension (default: dynamic)")
+    num_classes: int = ModelOptions.model_fields["num_classes"]
+    image_size: int | None = ModelOptions.model_fields["image_size"]
+    model_cache: str | None = ModelOptions.model_fields["model_cache"]
+
+
 class QuickstartConfig(Config):
     """``raydeeplab quickstart``: the offline demo."""
 

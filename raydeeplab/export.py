@@ -21,12 +21,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import typing
 
 from raydeeplab import storage
 from raydeeplab.cluster import verbose
+from raydeeplab.config import ExportFormat
 from raydeeplab.errors import UserError
 
-FORMATS = ("saved_model", "onnx")
+FORMATS = typing.get_args(ExportFormat)
 ONNX_FILE = "model.onnx"  # --format onnx: the one file under --output
 OPSET = 17  # ONNX opset: every op of the graph is there, and runtimes since 2022 load it
 INPUT = "images"  # (batch, S, S, 3) uint8, RGB, the model's size
