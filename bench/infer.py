@@ -11,7 +11,8 @@ One run, one local Ray cluster, one machine:
    included), and the host work per image (``load_images`` and ``write_outputs`` run on a
    sample of the corpus, one core), from which a ceiling *including host work* follows;
 2. ``raydeeplab.batch.run_predict`` over ``--images`` VOC-sized JPEGs (cached in ``--corpus``),
-   twice: with an empty compilation cache (cold) and again with it filled (warm);
+   twice: with an empty compilation cache (cold) and again with it filled (warm); then once
+   more over the same JPEGs packed into Parquet shards (``--image-column``, warm cache);
 3. steady state = images committed after the k-th Parquet part / seconds from that part to
    the last one, k = calls in flight over all actors (they start together once the model is
    ready, so their work is start-up). A part is written by a ``write_outputs`` task after its
@@ -155,6 +156,24 @@ def commits(output: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t for t, _ in parts]), np.array(rows)
 
 
+def write_shards(paths: list[str], folder: str, rows_per_shard: int = 256) -> str:
+    """The corpus as Parquet shards of ``(key, jpeg)`` rows; returns their glob."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    os.makedirs(folder)
+    for start in range(0, len(paths), rows_per_shard):
+        chunk = paths[start : start + rows_per_shard]
+        images = []
+        for path in chunk:
+            with open(path, "rb") as f:
+                images.append(f.read())
+        keys = [os.path.splitext(os.path.basename(p))[0] for p in chunk]
+        table = pa.table({"key": keys, "jpeg": pa.array(images, pa.binary())})
+        pq.write_table(table, os.path.join(folder, f"part-{start // rows_per_shard:05d}.parquet"))
+    return os.path.join(folder, "part-*.parquet")
+
+
 def measure_pipeline(cfg, in_flight: int) -> dict:
     """One ``run_predict``; ``in_flight`` tasks start together when the actors are ready, so
     the steady window opens at the ``in_flight``-th commit (earlier work is start-up)."""
@@ -215,14 +234,19 @@ def main(argv: list[str] | None = None) -> int:
         in_flight = max(IN_FLIGHT) * actors
         cold = measure_pipeline(cfg, in_flight)
         warm = measure_pipeline(cfg.model_copy(update={"output": os.path.join(work, "warm")}), in_flight)
+        shards = write_shards(paths, os.path.join(work, "shards"))
+        sharded = measure_pipeline(
+            cfg.model_copy(update={"input": shards, "image_column": "jpeg", "id_column": "key", "output": os.path.join(work, "sharded")}),
+            in_flight,
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ray.shutdown()  # flush the workers' log lines before the report
-    report(args, cfg, gpus, actors, cores, ceiling, cold, warm)
+    report(args, cfg, gpus, actors, cores, ceiling, cold, warm, sharded)
     return 0
 
 
-def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict) -> None:
+def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict, sharded: dict) -> None:
     scale = actors if gpus else 1  # each actor owns a GPU; CPU actors share the same cores
     device = {n: r * scale for n, r in ceiling["device"].items()}
     predict = {n: r * scale for n, r in ceiling["predict"].items()}
@@ -244,7 +268,7 @@ def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: d
     )
     header = f"{'pipeline run':<24} {'steady img/s':>12} {'parts':>6} {'actor start s':>13}"
     print(header + f" {'first mask s':>12} {'total s':>8} {'overall img/s':>13}")
-    for label, run in (("cold compilation cache", cold), ("warm compilation cache", warm)):
+    for label, run in (("cold compilation cache", cold), ("warm compilation cache", warm), ("Parquet shards, warm", sharded)):
         print(
             f"{label:<24} {run['steady']:>12.1f} {run['parts']:>6} {run['actor_start_s']:>13.1f}"
             f" {run['first_mask_s']:>12.1f} {run['total_s']:>8.1f} {run['overall']:>13.1f}"
@@ -265,6 +289,8 @@ def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: d
             ratio_with_host=warm["steady"] / with_host,
             first_mask_warm_s=warm["first_mask_s"],
             first_mask_cold_s=cold["first_mask_s"],
+            shards=sharded["steady"],
+            shards_ratio=sharded["steady"] / best,
         )
     )
 

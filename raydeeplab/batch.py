@@ -209,7 +209,9 @@ def check_predict_config(cfg: PredictConfig):
                 f"--input {cfg.input}: no images under it ({', '.join(IMAGE_EXTENSIONS)}); "
                 "check the path or prefix, or pass a manifest"
             )
-    if folder and storage.is_inside(cfg.output, cfg.input):
+    # a glob's folder: predictions written there would be read as shards by the next run
+    source = posixpath.dirname(cfg.input) if shards and any(c in cfg.input for c in "*?[") else cfg.input
+    if (folder or shards) and storage.is_inside(cfg.output, source):
         raise ConfigError(
             f"--output {cfg.output} is inside --input {cfg.input}: outputs would be read back as inputs"
         )

@@ -9,6 +9,7 @@ import subprocess
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from raydeeplab import storage
 from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, MASK_PNG, PATH, ROWS_PER_FILE, read_mask, run_predict
@@ -103,3 +104,20 @@ def test_cli_local_shards_with_masks_in_parquet_write_a_few_files_not_one_per_im
         mask = read_mask(row)
         assert mask.shape == (height, width) and mask.max() < 5
         np.testing.assert_array_equal(row[CLASS_PIXELS], np.bincount(mask.ravel(), minlength=5))
+
+
+def test_shard_flags_are_checked_before_any_cluster_work(tmp_path, tiny_model):
+    from raydeeplab.batch import check_predict_config
+    from raydeeplab.config import ConfigError
+
+    write_shard(str(tmp_path / "shards/part-0.parquet"), ["a"], [encode_jpeg(photo())])
+    base = {"input": str(tmp_path / "shards/part-*.parquet"), "output": str(tmp_path / "out"), "model": tiny_model}
+    for flags, message in (
+        ({"image_column": "jpeg"}, "--image-column and --id-column go together"),
+        ({"image_column": "png", "id_column": "key"}, "--image-column 'png' is not a column of .*part-0.parquet; its columns are key, jpeg, note"),
+        ({"image_column": "jpeg", "id_column": "key", "input": str(tmp_path / "nothing-*.parquet")}, "no .parquet shards match"),
+        ({"image_column": "jpeg", "id_column": "key", "output": str(tmp_path / "shards/out")}, "is inside --input"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            check_predict_config(PredictConfig(**{**base, **flags}))
+    assert not (tmp_path / "out").exists()
