@@ -179,7 +179,8 @@ def run_serve_verb(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(ServeCommand, args)  # flag errors before any cluster work
     check_sizes_agree(cfg.model, describe_model(cfg.model), cfg.given("num_classes"), cfg.image_size)
-    from raydeeplab.serve import APP_NAME, app_builder, read_auth_token
+    from raydeeplab.api import read_auth_token
+    from raydeeplab.serve import APP_NAME, app_builder
 
     read_auth_token(cfg.auth_token_env, None)  # a file is read on the replicas' nodes
     import ray

@@ -1,12 +1,12 @@
-"""Ray role: online serving. A Serve deployment over the core, one HTTP request per image:
+"""Ray role: online serving. The Serve deployment over the core and the HTTP surface
+(:mod:`raydeeplab.api`), one HTTP request per image:
 
-    POST /segment -> read body (size cap) -> decode + resize (CPU, per request)
+    POST /segment -> api.read_image -> api.prepare (CPU, per request)
                   -> predict_batch (@serve.batch: concurrent requests share one Segmenter pass)
-                  -> resize mask to the source size -> palette PNG | overlay PNG | JSON
+                  -> api.render (mask back at the source size)
 
-The palette PNG is what ``raydeeplab predict`` writes for the same image (same Segmenter,
-same resize, same encoder). Runtime knobs live in ``user_config`` (:class:`Knobs`):
-``model``, ``max_batch_size`` and ``batch_wait_timeout_s`` change without a redeploy.
+Runtime knobs live in ``user_config`` (:class:`~raydeeplab.config.Knobs`): ``model``,
+``max_batch_size`` and ``batch_wait_timeout_s`` change without a redeploy.
 
     raydeeplab serve --model s3://runs/voc-r50/best --replicas 2 --gpus-per-replica 1
     serve deploy configs/serve_config.yaml   # import_path raydeeplab.serve:app_builder, with `args`
@@ -16,62 +16,35 @@ same resize, same encoder). Runtime knobs live in ``user_config`` (:class:`Knobs
 import asyncio
 import collections
 import dataclasses
-import hmac
-import io
 import logging
-import os
 import time
-from collections.abc import AsyncIterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
+from fastapi import HTTPException, Query, Request
+from fastapi.responses import Response
 from ray import serve
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 
 from raydeeplab import telemetry
-from raydeeplab.config import ConfigError, Knobs, ServeConfig, inference_precision
-from raydeeplab.data.images import (
-    ImageError,
-    decode_image,
-    encode_mask_png,
-    overlay,
-    resize_image,
-    resize_mask,
+from raydeeplab.api import (
+    FORMATS,
+    SEGMENT_BODY,
+    SEGMENT_RESPONSES,
+    Answer,
+    api,
+    check_bearer,
+    prepare,
+    read_auth_token,
+    read_image,
+    render,
 )
-from raydeeplab.page import page_html
+from raydeeplab.config import Knobs, ServeConfig, inference_precision
+from raydeeplab.data.images import ImageError, resize_image
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
 
 APP_NAME = "raydeeplab"
-FORMATS = ("png", "overlay", "json")
-BATCH_SIZE_HEADER = "X-Batch-Size"
 RECENT_BATCHES = 256  # batch sizes kept for GET /stats
-
-
-def read_auth_token(env_name: str | None, file_path: str | None) -> str | None:
-    """The bearer token from an env var or a secret file; None when auth is off."""
-    if env_name:
-        token = os.environ.get(env_name, "").strip()
-        if not token:
-            raise ConfigError(f"--auth-token-env {env_name}: the variable is not set or empty")
-        return token
-    if file_path:
-        try:
-            with open(file_path) as f:
-                token = f.read().strip()
-        except OSError as err:
-            raise ConfigError(f"--auth-token-file {file_path}: {err.strerror}") from None
-        if not token:
-            raise ConfigError(f"--auth-token-file {file_path}: the file is empty")
-        return token
-    return None
-
-
-# ---------------------------------------------------------------- request helpers (no Ray)
 
 
 def device_batch_sizes(max_batch_size: int) -> list[int]:
@@ -84,63 +57,6 @@ def device_batch_sizes(max_batch_size: int) -> list[int]:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
-
-
-async def capped_stream(request: Request, limit: int) -> AsyncIterator[bytes]:
-    """The request body's chunks, refused with 413 past ``limit`` bytes (declared or actually
-    sent), before more than ``limit`` bytes are read."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise HTTPException(400, f"bad Content-Length header {declared!r}")
-        if int(declared) > limit:
-            raise HTTPException(413, f"body of {declared} bytes is over the {limit}-byte limit")
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:  # chunked uploads declare nothing: count what arrives
-            raise HTTPException(413, f"body is over the {limit}-byte limit")
-        yield chunk
-
-
-async def read_image(request: Request, limit: int, field: str = "image") -> bytes:
-    """The image's bytes: the multipart ``field`` of a form upload (Starlette's parser), else
-    the whole body; either way at most ``limit`` bytes are read."""
-    body = capped_stream(request, limit)
-    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        return b"".join([chunk async for chunk in body])
-    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=16, max_part_size=limit)
-    try:
-        form = await parser.parse()
-    except MultiPartException as err:
-        raise HTTPException(400, f"bad multipart body: {err.message}") from None
-    upload = form.get(field)
-    if not isinstance(upload, UploadFile):
-        raise HTTPException(400, f"multipart body has no {field!r} file field")
-    try:
-        return await upload.read()
-    finally:
-        await form.close()
-
-
-def prepare(data: bytes, image_size: int, max_pixels: int) -> tuple[np.ndarray, np.ndarray]:
-    """bytes -> (source ``(H, W, 3) uint8``, model input ``(S, S, 3) uint8``); ImageError if bad."""
-    image = decode_image(data, max_pixels)
-    return image, resize_image(image, image_size)
-
-
-def run_lengths(mask: np.ndarray) -> dict[str, Any]:
-    """Row-major runs of a class map: ``np.repeat(values, lengths).reshape(h, w)`` restores it."""
-    flat = mask.ravel()
-    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
-    lengths = np.diff(np.append(starts, flat.size))
-    return {"order": "row-major", "values": flat[starts].tolist(), "lengths": lengths.tolist()}
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,70 +73,19 @@ class LoadedModel:
         sizes = sorted(self.segmenters)
         return next((size for size in sizes if size >= count), sizes[-1])
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
-        """``(n, S, S, 3) uint8`` -> ``(n, S, S) uint8`` on the smallest compiled shape that fits."""
-        return self.segmenters[self.device_batch(len(images))].predict(images)
+    def segment(self, images: np.ndarray, boxes: np.ndarray):
+        """``(n, S, S, 3) uint8`` and their boxes -> masks and confidence
+        (:class:`~raydeeplab.segmenter.Prediction`) on the smallest compiled shape that fits."""
+        return self.segmenters[self.device_batch(len(images))].segment(images, boxes)
 
 
-class Served(NamedTuple):
-    mask: np.ndarray  # (S, S) uint8
-    batch_size: int  # requests in the forward pass that computed it
-    model: LoadedModel
-
-
-def render(output: str, image: np.ndarray, served: Served, rle: bool) -> Response:
-    """The mask at the source size, as the requested format."""
-    height, width = image.shape[:2]
-    mask = resize_mask(served.mask, height, width)
-    headers = {BATCH_SIZE_HEADER: str(served.batch_size)}
-    if output == "png":
-        return Response(encode_mask_png(mask), media_type="image/png", headers=headers)
-    if output == "overlay":
-        return Response(encode_png(overlay(image, mask)), media_type="image/png", headers=headers)
-    info = served.model.info
-    counts = np.bincount(mask.ravel(), minlength=info.num_classes)
-    body = {
-        "height": height,
-        "width": width,
-        "model": served.model.spec,
-        "class_pixel_counts": counts.tolist(),
-        "class_areas": {name: float(c) / mask.size for name, c in zip(info.class_names, counts)},
-        "batch_size": served.batch_size,
-    }
-    if rle:
-        body["rle"] = run_lengths(mask)
-    return JSONResponse(body, headers=headers)
+def rescale(image: np.ndarray, box: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A model input fitted for another square size, stretched to ``size`` with its box."""
+    scaled = np.rint(box * (size / image.shape[0])).astype(np.int32)
+    return resize_image(image, size), scaled
 
 
 # ---------------------------------------------------------------- the deployment
-
-api = FastAPI(
-    title="raydeeplab",
-    description="DeepLabV3+ semantic segmentation. POST an image to /segment.",
-)
-
-SEGMENT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {"image": {"type": "string", "format": "binary"}},
-                    "required": ["image"],
-                }
-            },
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-            "image/*": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
-SEGMENT_RESPONSES = {
-    200: {"content": {"image/png": {}, "application/json": {}}, "description": "mask, overlay or JSON"},
-    400: {"description": "not an image, corrupt, too many pixels, or unsupported format"},
-    401: {"description": "missing or wrong bearer token (when auth is on)"},
-    413: {"description": "body over max_body_bytes"},
-}
 
 
 @serve.deployment
@@ -285,27 +150,27 @@ class SegmenterDeployment:
         if self.loaded is None:
             raise RuntimeError("no model loaded: user_config must name a `model`")
 
-    def authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
-
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, images: list[np.ndarray]) -> list[Served]:
-        """Each ``(S, S, 3) uint8`` -> its mask; every call is one forward pass of ``len(images)``."""
+    async def predict_batch(self, inputs: list[tuple[np.ndarray, np.ndarray]]) -> list[Answer]:
+        """Each ``((S, S, 3) uint8 input, (4,) int32 box)`` -> its :class:`~raydeeplab.api.Answer`;
+        every call is one forward pass of ``len(inputs)``."""
         loaded = self.loaded
         size = loaded.info.image_size
-        # Only during a model swap to another input size can a request arrive resized for the old one.
-        batch = np.stack([im if im.shape[0] == size else resize_image(im, size) for im in images])
+        # Only during a model swap to another input size can a request arrive fitted for the old one:
+        # its square is stretched to the new one, and its box with it.
+        fitted = [(im, box) if im.shape[0] == size else rescale(im, box, size) for im, box in inputs]
+        images, boxes = (np.stack(part) for part in zip(*fitted))
         started = time.perf_counter()
-        masks = await asyncio.to_thread(loaded.predict, batch)  # the event loop keeps decoding
-        self.recent.append(len(images))
+        out = await asyncio.to_thread(loaded.segment, images, boxes)  # the event loop keeps decoding
+        self.recent.append(len(inputs))
         self.forward_passes += 1
-        fill = len(images) / loaded.device_batch(len(images))
-        telemetry.serve_batch(len(images), time.perf_counter() - started, fill)
-        return [Served(mask, len(images), loaded) for mask in masks]
+        fill = len(inputs) / loaded.device_batch(len(inputs))
+        telemetry.serve_batch(len(inputs), time.perf_counter() - started, fill)
+        names = tuple(loaded.info.class_names)
+        return [
+            Answer(mask, box, float(confidence), len(inputs), loaded.spec, names)
+            for mask, box, confidence in zip(out.masks, boxes, out.confidence)
+        ]
 
     @api.post("/segment", openapi_extra=SEGMENT_BODY, responses=SEGMENT_RESPONSES)
     async def segment(
@@ -315,24 +180,19 @@ class SegmenterDeployment:
         rle: bool = Query(False, description="json only: add a row-major run-length encoding"),
     ) -> Response:
         """Segment one image (multipart field ``image`` or the raw body)."""
-        self.authorize(request)
+        check_bearer(request, self.token)
         if output not in FORMATS:
             raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}, got {output!r}")
         data = await read_image(request, self.args.max_body_bytes)
         try:
-            image, small = await asyncio.to_thread(
-                prepare, data, self.loaded.info.image_size, self.args.max_pixels
+            prepared = await asyncio.to_thread(
+                prepare, data, self.loaded.info.image_size, self.args.max_pixels, "stretch"
             )
         except ImageError as err:  # refused here, so it never reaches (or fails) a batch
             raise HTTPException(400, str(err)) from None
         self.requests += 1
-        served = await self.predict_batch(small)
-        return await asyncio.to_thread(render, output, image, served, rle)
-
-    @api.get("/", include_in_schema=False)
-    def page(self) -> HTMLResponse:
-        """The browser page (raydeeplab/static/index.html); open: it asks for the token itself."""
-        return HTMLResponse(page_html())
+        answer = await self.predict_batch((prepared.model_input, prepared.box))
+        return await asyncio.to_thread(render, output, prepared.image, answer, rle)
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -344,7 +204,7 @@ class SegmenterDeployment:
     @api.get("/model")
     def describe(self, request: Request) -> dict:
         """The model this replica serves and its batching knobs."""
-        self.authorize(request)
+        check_bearer(request, self.token)
         loaded, knobs = self.loaded, self.knobs
         return {
             "id": loaded.spec,
@@ -360,7 +220,7 @@ class SegmenterDeployment:
     @api.get("/stats")
     def stats(self, request: Request) -> dict:
         """This replica's counters: the sizes of its recent forward passes."""
-        self.authorize(request)
+        check_bearer(request, self.token)
         return {
             "replica": serve.get_replica_context().replica_id.unique_id,
             "requests": self.requests,

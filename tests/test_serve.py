@@ -26,7 +26,8 @@ from raydeeplab.data.images import (
     resize_mask,
 )
 from raydeeplab.cli import run_serve_verb
-from raydeeplab.serve import app_builder, device_batch_sizes, read_auth_token
+from raydeeplab.api import read_auth_token
+from raydeeplab.serve import app_builder, device_batch_sizes
 from tests.corpus import BOMB_LIMIT, corpus
 from tests.s3_server import free_port
 
@@ -142,6 +143,7 @@ def test_json_counts_are_the_png_histogram_and_rle_restores_the_mask(client, exp
     assert answer["class_pixel_counts"] == np.bincount(mask.ravel(), minlength=5).tolist()
     assert list(answer["class_areas"]) == [f"class_{i}" for i in range(5)]
     assert sum(answer["class_areas"].values()) == pytest.approx(1.0)
+    assert 1 / 5 <= answer["confidence"] <= 1  # a mean top-class probability over 5 classes
     rle = answer["rle"]
     restored = np.repeat(rle["values"], rle["lengths"]).reshape(mask.shape)
     np.testing.assert_array_equal(restored, expected_mask(data))
