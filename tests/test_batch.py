@@ -217,7 +217,7 @@ def test_child_refuses_names_that_leave_the_root(relpath, reason):
         (["--model", "resnet_9000"], "--model 'resnet_9000' is not"),
         (["--output", "{input}/out"], "is inside --input"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-        (["--max-error-rate", "2"], "--max-error-rate must be in [0, 1], got 2.0"),
+        (["--max-error-rate", "2"], "--max-error-rate must be <= 1.0, got 2.0"),
         (["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),
     ],
 )
