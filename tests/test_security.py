@@ -240,6 +240,7 @@ def start_server(folder: Path, model: str, token_source: str) -> Server:
     deadline = time.monotonic() + 400
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            stop(process, ray_tmp)
             raise RuntimeError(f"raydeeplab serve exited {process.returncode}: {(folder / 'stderr.txt').read_text()}")
         try:
             if httpx.get(f"{server.url}/healthz", timeout=5).status_code == 200:
@@ -321,42 +322,45 @@ def test_bearer_token_never_leaks_into_logs_metrics_or_answers(source, tmp_path,
 # ---------------------------------------------------------------- bodies over the cap
 
 
-def send_slowly(port: int, head: bytes, chunks, pause_s: float, deadline_s: float) -> tuple[bytes, int]:
-    """Send ``head`` then ``chunks`` with pauses until the server answers; (answer, body bytes sent)."""
-    sent = 0
+def send_slowly(port: int, head: bytes, chunks, pause_s: float, deadline_s: float) -> tuple[bytes, int, float]:
+    """Send ``head`` then ``chunks``, looking for an answer before each; (answer, body bytes sent
+    before it came, seconds until it came)."""
+    sent, started = 0, time.monotonic()
     with socket.create_connection((HOST, port), timeout=deadline_s) as sock:
         sock.sendall(head)
-        ends = time.monotonic() + deadline_s
         for chunk in chunks:
             sock.settimeout(pause_s)
             try:
-                answer = sock.recv(65536)
-                if answer:
-                    sock.settimeout(10)
-                    return answer + recv_rest(sock), sent
+                if first := sock.recv(65536):
+                    return read_answer(sock, first), sent, time.monotonic() - started
             except TimeoutError:
                 pass
-            if time.monotonic() > ends:
+            if time.monotonic() - started > deadline_s:
                 break
             try:
                 sock.sendall(chunk)
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError):  # closed on us: the answer is waiting
                 break
             sent += len(chunk)
         sock.settimeout(10)
-        return recv_rest(sock), sent
+        return read_answer(sock, b""), sent, time.monotonic() - started
 
 
-def recv_rest(sock: socket.socket) -> bytes:
-    parts = []
-    try:
-        while part := sock.recv(65536):
-            parts.append(part)
-            if b"\r\n\r\n" in b"".join(parts) and b'"}' in parts[-1]:
-                break
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return b"".join(parts)
+def read_answer(sock: socket.socket, data: bytes) -> bytes:
+    """The rest of one HTTP response (headers and its Content-Length of body)."""
+    sock.settimeout(10)
+    while True:
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        if length and len(body) >= int(length[1]):
+            return data
+        try:
+            more = sock.recv(65536)
+        except (TimeoutError, ConnectionResetError):
+            return data
+        if not more:
+            return data
+        data += more
 
 
 def test_oversize_body_gets_413_before_it_is_sent(served):
@@ -368,16 +372,14 @@ def test_oversize_body_gets_413_before_it_is_sent(served):
     declared = 200 * MiB
     head = (f"POST /segment HTTP/1.1\r\nHost: {HOST}\r\n{auth}Content-Type: application/octet-stream\r\n"
             f"Content-Length: {declared}\r\n\r\n").encode()  # fmt: skip
-    started = time.monotonic()
-    answer, trickled = send_slowly(served.port, head, iter(lambda: bytes(1024), None), 0.05, 120)
-    declared_s = time.monotonic() - started
+    answer, trickled, declared_s = send_slowly(served.port, head, iter(lambda: bytes(1024), None), 0.05, 120)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert b"over the 300000-byte limit" in answer and trickled < MAX_BODY, trickled
 
     head = (f"POST /segment HTTP/1.1\r\nHost: {HOST}\r\n{auth}Content-Type: application/octet-stream\r\n"
             "Transfer-Encoding: chunked\r\n\r\n").encode()  # fmt: skip
     chunk = b"10000\r\n" + bytes(0x10000) + b"\r\n"
-    answer, pushed = send_slowly(served.port, head, (chunk for _ in range(declared // 0x10000)), 0.001, 120)
+    answer, pushed, _ = send_slowly(served.port, head, (chunk for _ in range(declared // 0x10000)), 0.001, 120)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
     assert pushed < declared // 4, pushed
     after = {pid: proc_status(pid) for pid in (replica, proxy)}
@@ -385,7 +387,7 @@ def test_oversize_body_gets_413_before_it_is_sent(served):
     assert max(grew.values()) < 32 * MiB, grew  # nowhere near the 200 MB declared
     with authorized(served) as c:  # and it keeps answering
         assert c.post("/segment", content=corpus()["ok.jpg"][0]).status_code == 200
-    print(f"FIGURE body cap: declared {declared // MiB} MiB -> 413 after {trickled} B trickled ({declared_s:.1f} s); "
+    print(f"FIGURE body cap: declared {declared // MiB} MiB -> 413 after {trickled} B trickled, in {declared_s:.2f} s; "
           f"chunked -> 413 after {pushed / MiB:.1f} MiB pushed; peak RSS grew replica "
           f"{grew[replica] / MiB:.1f} MiB, proxy {grew[proxy] / MiB:.1f} MiB")  # fmt: skip
 
