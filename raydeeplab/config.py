@@ -202,6 +202,9 @@ class ModelOptions(Config):
     )
     compile_cache: str | None = Field(None, description="persistent XLA compilation cache folder")
     model_cache: str | None = Field(None, description="local cache folder for s3:// presets")
+    resize: Literal["stretch", "pad"] = Field(
+        "stretch", description="to the model's square: stretch (the Keras guide) or keep aspect and pad"
+    )
 
 
 class ActorOptions(ModelOptions):

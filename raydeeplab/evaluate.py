@@ -1,13 +1,15 @@
 """Ray role: evaluation. The batch-inference actors over a labelled split, with one confusion
 matrix per batch summed in the driver: exact, not an average of averages.
 
-Two protocols (``--protocol``), both on the stretched input every mode uses:
+Images reach the model by the ``--resize`` policy every mode shares (``data.images.fit_image``:
+stretched, or padded keeping the aspect); the box that says where the image lies in the model's
+square travels with it. Two protocols (``--protocol``):
 
 - ``voc`` (default, the Pascal VOC definition): label 255 ignored, scored at the source
-  resolution (the predicted mask resized back exactly as ``predict`` writes it);
+  resolution (the predicted mask restored exactly as ``predict`` writes it);
 - ``guide`` (the Keras DeepLabV3+ guide's definition): label 255 counted as background,
-  scored at the model's resolution (truth stretched like the image), so our numbers sit
-  beside the guide's published ones.
+  scored at the model's resolution (truth resized to the image's box, the whole square when
+  stretched), so our numbers sit beside the guide's published ones.
 """
 
 from __future__ import annotations
@@ -21,44 +23,49 @@ from raydeeplab import storage
 from raydeeplab.batch import ERROR, IMAGE, MASK, SegmenterPredictor
 from raydeeplab.config import ConfigError, EvaluateConfig
 from raydeeplab.data import voc
-from raydeeplab.data.images import IGNORE_LABEL, resize_image, resize_mask
+from raydeeplab.data.examples import load_example, validate_pairs
+from raydeeplab.data.images import IGNORE_LABEL, fit_image, resize_mask, restore_mask
 from raydeeplab.metrics import ConfusionMatrix
 from raydeeplab.report import write_eval_report
 
-TRUTH, MATRIX = "truth", "matrix"
+TRUTH, BOX, MATRIX = "truth", "box", "matrix"
 
 
-def scored_truth(mask: np.ndarray, size: int, protocol: str) -> np.ndarray:
-    """The ``(h, w) uint8`` truth a protocol scores: ``voc`` the source mask, ``guide`` the
-    mask stretched to ``(size, size)`` like its image, with 255 relabelled background."""
+def scored_truth(mask: np.ndarray, box: np.ndarray, protocol: str) -> np.ndarray:
+    """The ``(h, w) uint8`` truth a protocol scores: ``voc`` the source mask, ``guide`` the mask
+    resized to the image's ``box`` in the model's square, with 255 relabelled background."""
     if protocol == "voc":
         return mask
-    mask = resize_mask(mask, size, size)
+    y0, y1, x0, x1 = (int(v) for v in box)
+    mask = resize_mask(mask, y1 - y0, x1 - x0)
     return np.where(mask == IGNORE_LABEL, np.uint8(0), mask)
 
 
-def load_eval_batch(batch: dict, size: int, protocol: str) -> dict:
-    """{image_uri, mask_uri} -> IMAGE (n, S, S, 3) uint8 for the model, TRUTH as the protocol scores it."""
-    images, truths = [], []
+def load_eval_batch(batch: dict, size: int, protocol: str, resize: str) -> dict:
+    """{image_uri, mask_uri} -> IMAGE (n, S, S, 3) uint8 fitted by ``resize``, BOX (n, 4) int32
+    where each image lies, TRUTH as the protocol scores it."""
+    images, boxes, truths = [], [], []
     for image_uri, mask_uri in zip(batch[voc.IMAGE_URI], batch[voc.MASK_URI]):
-        image, mask = voc.load_example(image_uri, mask_uri)
-        images.append(resize_image(image, size))
-        truths.append(scored_truth(mask, size, protocol))
+        image, mask = load_example(image_uri, mask_uri)
+        model_input, box = fit_image(image, size, resize)
+        images.append(model_input)
+        boxes.append(box)
+        truths.append(scored_truth(mask, box, protocol))
     truth = np.empty(len(truths), object)
     truth[:] = truths
-    return {IMAGE: np.stack(images), TRUTH: truth, ERROR: np.array([""] * len(images))}
+    return {IMAGE: np.stack(images), BOX: np.stack(boxes), TRUTH: truth, ERROR: np.array([""] * len(images))}
 
 
 def batch_confusion(batch: dict, num_classes: int) -> dict:
-    """Masks to each truth's size (nearest, as ``predict`` writes them; a no-op for the guide's
-    square truth), then counted."""
+    """Masks restored to each truth's size (as ``predict`` writes them; for the guide's truth,
+    the box's part of the square), then counted."""
     matrix = ConfusionMatrix(num_classes)
-    for mask, truth in zip(batch[MASK], batch[TRUTH]):
-        matrix.update(truth, resize_mask(mask, *truth.shape))
+    for mask, box, truth in zip(batch[MASK], batch[BOX], batch[TRUTH]):
+        matrix.update(truth, restore_mask(mask, box, *truth.shape))
     return {MATRIX: matrix.matrix.reshape(1, -1)}
 
 
-def check_evaluate_config(cfg: EvaluateConfig) -> tuple[Any, list[voc.Pair]]:
+def check_evaluate_config(cfg: EvaluateConfig) -> tuple[Any, list[voc.ExampleURIs]]:
     """Everything that can be checked before the cluster: --data reachable, the model and the
     sizes asked for, every mask of the split, --output writable. Returns (model info, pairs)."""
     from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
@@ -71,14 +78,14 @@ def check_evaluate_config(cfg: EvaluateConfig) -> tuple[Any, list[voc.Pair]]:
     check_sizes_agree(cfg.model, info, cfg.given("num_classes"), cfg.image_size)
     with storage.reaching("--data", cfg.data):
         pairs = voc.split_pairs(cfg.data, cfg.layout, cfg.split)
-        voc.validate_pairs(pairs, info.num_classes)
+        validate_pairs(pairs, info.num_classes)
     if cfg.output:
         with storage.reaching("--output", cfg.output, "write"):
             storage.check_writable(cfg.output)
     return info, pairs
 
 
-def run_evaluate(cfg: EvaluateConfig, checked: tuple[Any, list[voc.Pair]] | None = None) -> dict:
+def run_evaluate(cfg: EvaluateConfig, checked: tuple[Any, list[voc.ExampleURIs]] | None = None) -> dict:
     """Scores over the whole split (and a gallery when asked). Ray must be initialised;
     ``checked`` is what :func:`check_evaluate_config` returned (checked here when not given)."""
     import ray
@@ -92,7 +99,7 @@ def run_evaluate(cfg: EvaluateConfig, checked: tuple[Any, list[voc.Pair]] | None
         .map_batches(
             load_eval_batch,
             batch_size=cfg.batch_size,
-            fn_kwargs={"size": info.image_size, "protocol": cfg.protocol},
+            fn_kwargs={"size": info.image_size, "protocol": cfg.protocol, "resize": cfg.resize},
         )
         .map_batches(
             SegmenterPredictor,
@@ -120,21 +127,22 @@ def run_evaluate(cfg: EvaluateConfig, checked: tuple[Any, list[voc.Pair]] | None
         storage.write_bytes(storage.join(cfg.output, name), json.dumps(scores, indent=2).encode())
         write_eval_report(cfg.output, scores, total.matrix)
         if cfg.gallery:
-            write_gallery(cfg.model, pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"))
+            write_gallery(cfg.model, pairs[: cfg.gallery], storage.join(cfg.output, "gallery.png"), cfg.resize)
     return scores
 
 
-def write_gallery(model_uri: str, pairs: list[voc.Pair], path: str) -> str:
-    """The guide's plot: image | true mask | predicted mask for each pair, as one PNG."""
+def write_gallery(model_uri: str, pairs: list[voc.ExampleURIs], path: str, resize: str = "stretch") -> str:
+    """The guide's plot: image | true mask | predicted mask for each pair, as one PNG (training's
+    gallery: stretched, as it trains)."""
     from raydeeplab.presets import load_model
     from raydeeplab.segmenter import Segmenter
     from raydeeplab.viz import gallery_png
 
     segmenter = Segmenter(load_model(model_uri), batch_size=max(len(pairs), 1))
-    examples = [voc.load_example(p[voc.IMAGE_URI], p[voc.MASK_URI]) for p in pairs]
-    resized = np.stack([resize_image(image, segmenter.image_size) for image, _ in examples])
-    masks = segmenter.predict(resized)
-    predicted = [resize_mask(m, *truth.shape) for m, (_, truth) in zip(masks, examples)]
+    examples = [load_example(p[voc.IMAGE_URI], p[voc.MASK_URI]) for p in pairs]
+    fitted = [fit_image(image, segmenter.image_size, resize) for image, _ in examples]
+    masks = segmenter.predict(np.stack([model_input for model_input, _ in fitted]))
+    predicted = [restore_mask(m, box, *truth.shape) for m, (_, box), (_, truth) in zip(masks, fitted, examples)]
     titles = [p[voc.IMAGE_URI].rsplit("/", 1)[-1] for p in pairs]
     storage.write_bytes(
         path, gallery_png([i for i, _ in examples], predicted, [t for _, t in examples], titles)

@@ -186,7 +186,7 @@ class SegmenterDeployment:
         data = await read_image(request, self.args.max_body_bytes)
         try:
             prepared = await asyncio.to_thread(
-                prepare, data, self.loaded.info.image_size, self.args.max_pixels, "stretch"
+                prepare, data, self.loaded.info.image_size, self.args.max_pixels, self.args.resize
             )
         except ImageError as err:  # refused here, so it never reaches (or fails) a batch
             raise HTTPException(400, str(err)) from None

@@ -11,6 +11,7 @@ from raydeeplab.data.images import resize_image, resize_mask
 from raydeeplab.evaluate import run_evaluate
 from raydeeplab.presets import load_model
 from raydeeplab.segmenter import Segmenter
+from tests.padding import padded_reference
 
 CLASSES, SIZE = 5, 64
 
@@ -62,6 +63,23 @@ def test_guide_protocol_counts_255_as_background_at_the_model_size(ray_local, tm
     assert scores["pixel_accuracy"] == pytest.approx((guide_truth == predicted).mean(), abs=1e-6)
     assert scores["mean_iou"] == pytest.approx(float(mean_iou.result()), abs=1e-6)
     assert (tmp_path / "eval_val_guide.json").exists()  # beside the VOC protocol's eval_val.json
+
+
+def test_pad_policy_scores_numpys_own_pad_cropped_back(ray_local, tiny_model, dataset):
+    """``--resize pad`` on 50x70 images: the counts are those of the Segmenter on numpy's own pad
+    of each image, its mask cropped back to the source (tests/padding.py)."""
+    data, truths, stretched = dataset
+    segmenter = Segmenter(load_model(tiny_model), batch_size=1)
+    images = [image for image, _ in (load_example(p["image_uri"], p["mask_uri"]) for p in voc.voc_pairs(data, "val"))]
+    padded = [padded_reference(segmenter, image)[0] for image in images]
+    assert any((p != resize_mask(s, *p.shape)).any() for p, s in zip(padded, stretched))  # the policies differ
+
+    scores = run_evaluate(EvaluateConfig(data=data, model=tiny_model, batch_size=4, resize="pad"))
+    matrix = sum(numpy_confusion(t, p) for t, p in zip(truths, padded))
+    union = matrix.sum(0) + matrix.sum(1) - np.diag(matrix)
+    seen = union > 0
+    assert scores["pixel_accuracy"] == pytest.approx(np.trace(matrix) / matrix.sum(), abs=1e-6)
+    assert scores["mean_iou"] == pytest.approx(np.mean(np.diag(matrix)[seen] / union[seen]), abs=1e-6)
 
 
 def test_protocol_flag_is_parsed_and_an_unknown_one_refused_before_ray_starts():

@@ -29,6 +29,7 @@ from raydeeplab.cli import run_serve_verb
 from raydeeplab.api import read_auth_token
 from raydeeplab.serve import app_builder, device_batch_sizes
 from tests.corpus import BOMB_LIMIT, corpus
+from tests.padding import padded_reference
 from tests.s3_server import free_port
 
 MAX_BODY = 300_000
@@ -148,6 +149,31 @@ def test_json_counts_are_the_png_histogram_and_rle_restores_the_mask(client, exp
     restored = np.repeat(rle["values"], rle["lengths"]).reshape(mask.shape)
     np.testing.assert_array_equal(restored, expected_mask(data))
     assert "rle" not in segment(client, data, format="json").json()
+
+
+def test_pad_policy_answers_numpys_own_pad_cropped_back(http_port, base_args, tiny_model):
+    """``resize: pad``: a non-square image's mask and confidence are the Segmenter's on the image
+    padded by numpy, cropped back (tests/padding.py), for wide and tall images alike."""
+    from ray import serve
+
+    from raydeeplab.presets import load_model
+    from raydeeplab.segmenter import Segmenter
+
+    serve.run(app_builder({**base_args, "max_batch_size": 1, "resize": "pad"}), name="pad", route_prefix="/pad")
+    segmenter = Segmenter(load_model(tiny_model), batch_size=1)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}/pad", timeout=60) as c:
+            for image in (blocky(7, 30, 100), blocky(8, 90, 41)):
+                mask, confidence = padded_reference(segmenter, image)
+                assert segment(c, png(image)).content == encode_mask_png(mask)
+                answer = segment(c, png(image), format="json", rle="true").json()
+                restored = np.repeat(answer["rle"]["values"], answer["rle"]["lengths"]).reshape(image.shape[:2])
+                np.testing.assert_array_equal(restored, mask)
+                assert answer["confidence"] == pytest.approx(confidence, abs=1e-6)
+                stretched = resize_mask(segmenter.predict(resize_image(image, 64)[None])[0], *image.shape[:2])
+                assert (stretched != mask).any()  # the policies differ on this image: the test can fail
+    finally:
+        serve.delete("pad")
 
 
 def test_overlay_is_the_image_with_the_mask_blended_in(client, expected_mask):
