@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import posixpath
+import random
 import re
+import time
 import uuid
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 import fsspec
 
@@ -23,6 +26,16 @@ S3_ENDPOINT_ENV = "AWS_ENDPOINT_URL"
 # Local copies of what is costly to make again: s3:// presets (presets/), XLA executables (xla/).
 CACHE_ROOT = os.path.join(os.path.expanduser("~"), ".cache", "raydeeplab")
 DRIVE = re.compile(r"^[A-Za-z]:")  # C: - on Windows, joining it drops everything before it
+# An object store that fails transiently (restarting, 5xx, SlowDown) is retried for this long per
+# read or write, waiting RETRY_FIRST_WAIT, then twice as long each time up to RETRY_MAX_WAIT (jittered).
+RETRY_SECONDS, RETRY_FIRST_WAIT, RETRY_MAX_WAIT = 60.0, 0.5, 8.0
+TRANSIENT_CODES = {
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+    "ThrottlingException", "RequestLimitExceeded", "500", "502", "503", "504",
+}  # fmt: skip
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def is_remote(uri: str) -> bool:
@@ -120,10 +133,7 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
     Only names are held in memory; the bytes are read later, by the workers.
     """
     fs, path = filesystem(root)
-    if fs.isfile(path):
-        files = [path]
-    else:
-        files = fs.find(path)
+    files = retrying(lambda: [path] if fs.isfile(path) else fs.find(path), root)
     out = []
     for f in files:
         name = posixpath.basename(f)
@@ -137,24 +147,28 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
 
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return retrying(lambda: fs.cat_file(path), uri)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Atomic write: local files go to a hidden sibling first, then are renamed."""
     fs, path = filesystem(uri)
     if is_remote(uri):
-        fs.pipe_file(path, data)  # a single PUT: visible whole or not at all
+        retrying(lambda: fs.pipe_file(path, data), uri)  # a single PUT: visible whole or not at all
         return
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.partial")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk: the partial file would hold on to the space it got
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def remove(uri: str) -> None:
@@ -194,6 +208,53 @@ def iter_lines(uri: str) -> Iterator[str]:
                 yield line
 
 
+def retrying(action: Callable[[], T], uri: str) -> T:
+    """``action()``, again while the object store behind ``uri`` fails transiently (see
+    :func:`is_transient`), with jittered exponential backoff; once RETRY_SECONDS have passed
+    (plus the last attempt, itself retried ~3 times by botocore) the last error is raised.
+    Local files are not retried: a full or read-only disk does not heal by waiting."""
+    deadline = time.monotonic() + RETRY_SECONDS
+    attempt = 0
+    while True:
+        try:
+            return action()
+        except Exception as err:
+            cap = min(RETRY_MAX_WAIT, RETRY_FIRST_WAIT * 2**attempt)
+            wait = cap / 2 + random.uniform(0, cap / 2)  # jitter: workers that failed together spread out
+            if not is_remote(uri) or not is_transient(err) or time.monotonic() + wait > deadline:
+                raise
+            attempt += 1
+            logger.warning("%s: %s; retry %d in %.1f s", uri, cause_text(err), attempt, wait)
+            time.sleep(wait)
+
+
+def causes(err: BaseException) -> list[BaseException]:
+    """``err`` and what it was raised from, outermost first (s3fs raises OSError from botocore's
+    ClientError, which holds the store's answer)."""
+    chain = [err]
+    while (nested := chain[-1].__cause__ or chain[-1].__context__) is not None and nested not in chain:
+        chain.append(nested)
+    return chain
+
+
+def store_answers(err: BaseException) -> list[tuple[str | None, int | None]]:
+    """``(error code, HTTP status)`` of each object-store answer in ``err``'s chain."""
+    responses = [e.response for e in causes(err) if isinstance(getattr(e, "response", None), dict)]
+    return [(r.get("Error", {}).get("Code"), r.get("ResponseMetadata", {}).get("HTTPStatusCode")) for r in responses]
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether waiting may help: the store unreachable (refused, reset, timed out), a 5xx answer,
+    or throttling (SlowDown, 429). Not: missing keys, denied access, a missing bucket."""
+    import aiohttp
+    import botocore.exceptions as boto
+
+    network = (boto.ConnectionError, boto.HTTPClientError, aiohttp.ClientConnectionError, ConnectionError, TimeoutError)
+    if any(isinstance(e, network) for e in causes(err)):
+        return True
+    return any(str(code) in TRANSIENT_CODES or (status or 0) >= 500 or status == 429 for code, status in store_answers(err))
+
+
 # ---------------------------------------------------------------- errors a user can fix
 
 
@@ -212,10 +273,8 @@ def explain(err: BaseException, uri: str, access: str) -> str | None:
     not about reaching storage. ``access`` is "read" or "write"."""
     import botocore.exceptions as boto
 
-    chain = [err]  # s3fs raises PermissionError from botocore's ClientError, which has the code
-    while (nested := chain[-1].__cause__ or chain[-1].__context__) is not None and nested not in chain:
-        chain.append(nested)
-    codes = [e.response.get("Error", {}).get("Code") for e in chain if isinstance(getattr(e, "response", None), dict)]
+    chain = causes(err)
+    codes = [code for code, _ in store_answers(err)]
     code = str(codes[0]) if codes else None
     endpoint = os.environ.get(S3_ENDPOINT_ENV) or "AWS"
     if any(isinstance(e, (boto.NoCredentialsError, boto.PartialCredentialsError)) for e in chain):
@@ -226,15 +285,35 @@ def explain(err: BaseException, uri: str, access: str) -> str | None:
         return why_missing(uri)
     if any(isinstance(e, (boto.EndpointConnectionError, boto.ConnectTimeoutError)) for e in chain):
         return f"cannot reach the object store at {endpoint} ({cause_text(err)}); check AWS_ENDPOINT_URL and the network"
+    if is_remote(uri) and is_transient(err):
+        return f"the object store at {endpoint} kept failing for {RETRY_SECONDS:.0f} s ({code or cause_text(err)}); rerun later: finished inputs are kept"
     if code in DENIED or (is_remote(uri) and isinstance(err, PermissionError)):
         return f"access denied on {access} ({code or cause_text(err)}); these credentials need {NEEDS[access]} there"
     if isinstance(err, PermissionError) or getattr(err, "errno", None) == errno.EROFS:
         return f"cannot {access} here ({cause_text(err)}); choose a folder you can {access}"
+    if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left ({cause_text(err)}); free some or choose a folder with room"
     if isinstance(err, (NotADirectoryError, FileExistsError)):
         return f"part of the path is a file, not a folder ({cause_text(err)}); choose a folder"
     if isinstance(err, FileNotFoundError):
         return "no such file or folder"
     return None
+
+
+def store_failure(err: BaseException, flag: str, uri: str, access: str) -> StorageError | None:
+    """A :class:`StorageError` when ``err`` stops every read or write under ``flag`` (credentials,
+    access, a missing bucket, a store down past the retries, a read-only or full disk), so a job
+    ends with one line instead of failing each input; None when it concerns this object alone (a
+    missing key, an unreadable local file, a name the folder cannot hold)."""
+    missing_bucket = any(code == "NoSuchBucket" for code, _ in store_answers(err))
+    if not is_remote(uri) and access == "read":
+        return None
+    if isinstance(err, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return None
+    if isinstance(err, FileNotFoundError) and not missing_bucket:
+        return None
+    reason = explain(err, uri, access)
+    return StorageError(f"{flag} {uri}: {reason}") if reason else None
 
 
 @contextlib.contextmanager
