@@ -19,6 +19,9 @@ import numpy as np
 
 from raydeeplab.presets import input_size
 from raydeeplab.storage import CACHE_ROOT
+from raydeeplab.tta import TestTimeAugmentation
+
+NO_TTA = TestTimeAugmentation()
 
 DEFAULT_COMPILE_CACHE = os.path.join(CACHE_ROOT, "xla")
 
@@ -49,7 +52,9 @@ def uint8_inputs(segmenter: keras.Model, batch_size: int | None = None):
     return images, keras.ops.cast(images, "float32") * scale + offset
 
 
-def build_mask_model(segmenter: keras.Model, batch_size: int) -> keras.Model:
+def build_mask_model(
+    segmenter: keras.Model, batch_size: int, tta: TestTimeAugmentation = NO_TTA
+) -> keras.Model:
     """``[(batch, S, S, 3) uint8 images, (batch, 4) int32 boxes]`` -> ``[(batch, S, S) uint8 masks,
     (batch,) float32 confidence, (batch,) float32 low-confidence fraction]``, normalisation included.
 
@@ -59,13 +64,15 @@ def build_mask_model(segmenter: keras.Model, batch_size: int) -> keras.Model:
     """
     images, x = uint8_inputs(segmenter, batch_size)
     boxes = keras.Input((4,), batch_size=batch_size, dtype="int32", name="boxes")
-    probs = probabilities(segmenter, class_scores(segmenter, x))
+    probs = augmented_probabilities(segmenter, x, tta)
     masks = keras.ops.cast(keras.ops.argmax(probs, axis=-1), "uint8")
     confidence, low = box_means(keras.ops.max(probs, axis=-1), boxes)
     return keras.Model([images, boxes], [masks, confidence, low], name="mask_model")
 
 
-def build_tile_model(segmenter: keras.Model, batch_size: int, overlap: int) -> keras.Model:
+def build_tile_model(
+    segmenter: keras.Model, batch_size: int, overlap: int, tta: TestTimeAugmentation = NO_TTA
+) -> keras.Model:
     """Tiles for :class:`raydeeplab.tiling.SceneAssembler`: ``[(batch, S, S, 3) uint8, (batch, 4)
     int32 centre boxes]`` -> ``[(batch, S, S) uint8 class map, (batch,) float32 sum of the top-class
     probability over the box, (batch,) float32 pixels below the threshold there, (batch, band_pixels,
@@ -76,7 +83,7 @@ def build_tile_model(segmenter: keras.Model, batch_size: int, overlap: int) -> k
 
     images, x = uint8_inputs(segmenter, batch_size)
     boxes = keras.Input((4,), batch_size=batch_size, dtype="int32", name="boxes")
-    probs = probabilities(segmenter, class_scores(segmenter, x))
+    probs = augmented_probabilities(segmenter, x, tta)
     masks = keras.ops.cast(keras.ops.argmax(probs, axis=-1), "uint8")
     area = box_area(boxes, probs.shape[1])
     confidence, low = (mean * area for mean in box_means(keras.ops.max(probs, axis=-1), boxes))
@@ -88,6 +95,25 @@ def build_tile_model(segmenter: keras.Model, batch_size: int, overlap: int) -> k
     ]
     bands = keras.ops.cast(keras.ops.concatenate(pieces, axis=1), "float16")
     return keras.Model([images, boxes], [masks, confidence, low, bands], name="tile_model")
+
+
+def augmented_probabilities(segmenter: keras.Model, x, tta: TestTimeAugmentation = NO_TTA):
+    """Class probabilities at ``x``'s size, averaged over ``tta``'s views (each scale, mirrored
+    too with ``flip``), all inside one compiled program: ``tta.passes`` forward passes of the
+    same fixed-shape batch, no Python loop per image. Scaled views are resized bilinearly to a
+    multiple of 32 and their probabilities back to ``x``'s size."""
+    size = x.shape[1]
+    total = None
+    for scale in tta.scales:
+        side = max(32, round(size * scale / 32) * 32)
+        view = x if side == size else keras.ops.image.resize(x, (side, side), interpolation="bilinear")
+        for flipped in (False, True) if tta.flip else (False,):
+            probs = probabilities(segmenter, class_scores(segmenter, keras.ops.flip(view, 2) if flipped else view))
+            probs = keras.ops.flip(probs, 2) if flipped else probs
+            if side != size:
+                probs = keras.ops.image.resize(probs, (size, size), interpolation="bilinear")
+            total = probs if total is None else total + probs
+    return total if tta.passes == 1 else total / tta.passes
 
 
 def class_scores(segmenter: keras.Model, x):
@@ -197,14 +223,15 @@ class Segmenter:
     >>> Segmenter(model, batch_size=8).predict(images)  # (n, S, S, 3) uint8 -> (n, S, S) uint8
     """
 
-    def __init__(self, segmenter: keras.Model, batch_size: int):
+    def __init__(self, segmenter: keras.Model, batch_size: int, tta: TestTimeAugmentation = NO_TTA):
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
         self.model = segmenter
         self.batch_size = batch_size
+        self.tta = tta
         self.image_size = input_size(segmenter)
         self.num_classes = segmenter.num_classes
-        self._forward = compile_inference(build_mask_model(segmenter, batch_size))
+        self._forward = compile_inference(build_mask_model(segmenter, batch_size, tta))
         self._tile_forward: dict[int, Callable] = {}  # overlap -> compiled tile model
 
     def warmup(self, overlap: int | None = None) -> None:
@@ -227,7 +254,8 @@ class Segmenter:
     def segment_tiles(self, tiles: np.ndarray, boxes: np.ndarray, overlap: int) -> TilePrediction:
         """Tiles of a larger image (see :mod:`raydeeplab.tiling`); ``boxes``: their centre boxes."""
         if overlap not in self._tile_forward:
-            self._tile_forward[overlap] = compile_inference(build_tile_model(self.model, self.batch_size, overlap))
+            model = build_tile_model(self.model, self.batch_size, overlap, self.tta)
+            self._tile_forward[overlap] = compile_inference(model)
         return TilePrediction(*self.run(self._tile_forward[overlap], tiles, boxes))
 
     def full_boxes(self, n: int) -> np.ndarray:

@@ -1,0 +1,48 @@
+"""Test-time augmentation settings: ``--tta flip``, ``--tta flip,scales=0.75,1,1.25``.
+
+Pure Python (the config checks it before Ray starts, and ``--help`` imports it); the device work
+is :func:`raydeeplab.segmenter.augmented_probabilities`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MIN_SCALE, MAX_SCALE = 0.25, 4.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTimeAugmentation:
+    """Views whose class probabilities are averaged before the argmax: each scale, and with
+    ``flip`` each one mirrored left-right too (MMSegmentation's TTA: flip + multi-scale)."""
+
+    __test__ = False  # not a pytest class, despite the name
+
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+
+    @property
+    def passes(self) -> int:
+        """Forward passes per image: the cost, in device time, of this setting."""
+        return len(self.scales) * (2 if self.flip else 1)
+
+    @classmethod
+    def parse(cls, text: str | None) -> TestTimeAugmentation:
+        """``None``/``"none"`` -> no augmentation; ``"flip"``; ``"scales=0.75,1,1.25"``; both,
+        comma-separated (``"flip,scales=0.75,1,1.25"``)."""
+        if text is None or text.strip().lower() in ("", "none"):
+            return cls()
+        flip, scales = False, (1.0,)
+        head, given, tail = text.partition("scales=")
+        for word in filter(None, (w.strip() for w in head.split(","))):
+            if word != "flip":
+                raise ValueError(f"--tta: unknown view {word!r}; use flip and/or scales=0.75,1,1.25")
+            flip = True
+        if given:
+            try:
+                scales = tuple(float(s) for s in tail.split(",") if s.strip())
+            except ValueError:
+                raise ValueError(f"--tta: scales must be numbers, got {tail!r}") from None
+            if not scales or not all(MIN_SCALE <= s <= MAX_SCALE for s in scales):
+                raise ValueError(f"--tta: each scale must be in [{MIN_SCALE}, {MAX_SCALE}], got {tail!r}")
+        return cls(flip, scales)
