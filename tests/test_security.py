@@ -272,10 +272,15 @@ def authorized(server: Server) -> httpx.Client:
 
 
 def metrics_text(server: Server) -> str:
-    """Ray's Prometheus export of this cluster (the port its raylet was started with)."""
-    ports = {m for pid in marked_pids(server.ray_tmp) for m in re.findall(r"--metrics-export-port=(\d+)", cmdline(pid))}
-    assert ports, "no --metrics-export-port among the cluster's processes"
-    return "".join(httpx.get(f"http://{HOST}:{port}/metrics", timeout=30).text for port in ports)
+    """Ray's Prometheus export of this cluster: the targets Ray lists for Prometheus to scrape."""
+    discovery = Path(server.ray_tmp) / "ray" / "prom_metrics_service_discovery.json"
+    texts = []
+    for target in {t for group in json.loads(discovery.read_text()) for t in group["targets"]}:
+        try:
+            texts.append(httpx.get(f"http://{target}/metrics", timeout=30).text)
+        except httpx.HTTPError:  # a component that exports nothing yet
+            continue
+    return "".join(texts)
 
 
 def exercise_and_search(server: Server) -> dict[str, int]:
