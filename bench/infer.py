@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raydeeplab.batch import actor_resources
     from raydeeplab.cluster import init_ray
-    from raydeeplab.config import PredictConfig
+    from raydeeplab.config import PredictConfig, inference_precision
 
     paths = jpeg_corpus(args.corpus, args.images)
     init_ray(args.address)
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         image_size=args.image_size,
         num_classes=args.num_classes,
         actors=args.actors,
-        precision=args.precision or ("bfloat16" if gpus else None),
+        precision=inference_precision(args.precision, gpus > 0),
         compile_cache=os.path.join(work, "xla"),  # empty: the first run compiles
         **({"decode_batch_size": args.decode_batch_size} if args.decode_batch_size else {}),
     )

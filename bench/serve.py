@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from raydeeplab.cluster import init_ray
+    from raydeeplab.config import default_gpus, inference_precision
     from raydeeplab.architectures import ARCHITECTURES, default_image_size
     from raydeeplab.presets import input_size, load_model
     from raydeeplab.serve import app_builder
@@ -120,8 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(None)
     gpus = args.gpus_per_replica
     if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) else 0.0
-    precision = args.precision or ("bfloat16" if gpus else None)  # what the replica will run
+        gpus = default_gpus(ray.cluster_resources().get("GPU", 0.0))
+    precision = inference_precision(args.precision, gpus > 0)  # what the replica will run
     is_arch = args.model in ARCHITECTURES
     image_size = args.image_size or (default_image_size(args.model) if is_arch else None)
     model = load_model(args.model, args.num_classes, image_size, precision)

@@ -70,17 +70,14 @@ def shapes_dataset(folder: str, images: int, num_classes: int) -> str:
 def measure_ceiling(cfg, seconds: float) -> dict:
     """Images/s of ``train_on_batch`` on one fixed device-resident batch of the global size;
     host seconds per image of the loop's decode + augmentation (``load_train_batch``, one core)."""
-    import jax
     import keras
 
     from raydeeplab import recipe
     from raydeeplab.data import voc
     from raydeeplab.train import dataset_pairs, load_train_batch
 
-    keras.config.set_dtype_policy(cfg.precision)
-    if len(jax.devices()) > 1:  # as train.setup_distribution does for a worker owning several GPUs
-        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=jax.devices()))
-    model = recipe.trainable_model(recipe.initial_segmenter(cfg))
+    recipe.configure_keras(cfg)  # precision and data parallelism, as on a worker owning every GPU
+    model = recipe.trainable_model(recipe.initial_model(cfg))
     recipe.compile_for_training(model, cfg, total_steps=1000)
     rng = np.random.default_rng(0)
     shape = (cfg.batch_size, cfg.image_size, cfg.image_size)
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raydeeplab.cluster import init_ray
-    from raydeeplab.config import TrainConfig
+    from raydeeplab.config import TrainConfig, training_precision
     from raydeeplab.train import run_train
 
     init_ray(args.address, min_cpus=args.workers + 2)  # every worker plus data tasks, even on 2 cores
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         workers=args.workers,
         gpus_per_worker=gpus // args.workers,
-        precision=args.precision or ("mixed_bfloat16" if gpus else "float32"),
+        precision=training_precision(args.precision, gpus > 0),
         gallery=0,
     )
     try:

@@ -1,16 +1,20 @@
 """The DeepLabV3+ fine-tuning recipe of the Keras guide, Ray-free: model, optimiser, loss, metric,
-and the full resume state (weights, optimiser slots, step, epoch) as plain files.
+process setup, the validation batches, and the full resume state (weights, optimiser slots,
+step, epoch) as plain files. :mod:`raydeeplab.train` runs it on Ray Train's workers.
 
 SGD (momentum 0.9, weight decay 1e-4, clipnorm 10) with cosine decay from
 0.007 * global_batch / 16 over the real number of steps; sparse cross-entropy from logits
-with label 255 ignored; each validation batch's confusion matrix counted on the device and
-summed on the host in int64 (exact over any split size).
+with label 255 ignored; each validation batch's confusion matrix counted on the device,
+summed on the host in int64 (exact over any split size) and scored by
+:class:`raydeeplab.metrics.ConfusionMatrix`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import keras_hub
@@ -18,8 +22,10 @@ import numpy as np
 
 from raydeeplab import storage
 from raydeeplab.config import TrainConfig, training_precision
-from raydeeplab.data.images import IGNORE_LABEL
 from raydeeplab.architectures import ARCHITECTURES, ModelError, build_model, deeplab_v3_plus
+from raydeeplab.data import examples, voc
+from raydeeplab.data.images import IGNORE_LABEL
+from raydeeplab.data.transforms import resize_for_eval
 from raydeeplab.presets import check_model_spec, local_preset
 from raydeeplab.segmenter import uint8_inputs
 
@@ -47,7 +53,8 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
     matrix is the exact sum over all workers. Keras' JAX ``test_on_batch`` resets metrics at
     the start of every call, so callers read it after each batch (:func:`confusion_matrix`)
     and sum on the host in int64; one batch's counts fit int32 (a cell holds at most
-    batch x H x W pixels).
+    batch x H x W pixels). Its result is those counts: the scores come from their sum, once,
+    in :class:`raydeeplab.metrics.ConfusionMatrix` (the one mean-IoU formula).
     """
 
     def __init__(self, num_classes: int, ignore_label: int = IGNORE_LABEL, name="confusion", **kwargs):
@@ -69,11 +76,9 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
         self.matrix.assign_add(keras.ops.cast(counts, "int32"))
 
     def result(self):
-        matrix = keras.ops.cast(keras.ops.reshape(self.matrix, (self.num_classes,) * 2), "float32")
-        diag = keras.ops.diagonal(matrix)
-        union = keras.ops.sum(matrix, 0) + keras.ops.sum(matrix, 1) - diag
-        present = keras.ops.cast(union > 0, "float32")
-        return keras.ops.sum(diag / keras.ops.maximum(union, 1.0)) / keras.ops.maximum(keras.ops.sum(present), 1.0)
+        """The ``(num_classes, num_classes)`` counts (an average of per-batch scores would not be
+        the split's score)."""
+        return keras.ops.reshape(self.matrix, (self.num_classes,) * 2)
 
     def reset_state(self):
         self.matrix.assign(keras.ops.zeros(self.matrix.shape, "int32"))
@@ -91,6 +96,18 @@ def local_value(variable) -> np.ndarray:
 
 def confusion_matrix(metric: ConfusionMatrixMetric) -> np.ndarray:
     return local_value(metric.matrix).astype(np.int64).reshape(metric.num_classes, metric.num_classes)
+
+
+def join_processes(coordinator: str, world: int, rank: int) -> None:
+    """``jax.distributed`` over CPU processes (gloo collectives), at ``coordinator`` (``ip:port``).
+
+    On GPUs ``JaxTrainer`` initialises ``jax.distributed`` itself; on CPUs it does not, so the
+    workers join here, and from there both paths are the same (:func:`configure_keras`).
+    """
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, world, rank)
 
 
 def configure_keras(cfg: TrainConfig) -> None:
@@ -112,17 +129,17 @@ def configure_keras(cfg: TrainConfig) -> None:
         )
 
 
-def without_activation(segmenter: keras_hub.models.ImageSegmenter) -> keras_hub.models.ImageSegmenter:
+def without_activation(model: keras_hub.models.ImageSegmenter) -> keras_hub.models.ImageSegmenter:
     """The same network with a linear head: the loss takes logits, a softmax head (the guide
     builds one with ``activation="softmax"``) would be softmaxed twice. Argmax is unchanged."""
-    if getattr(segmenter, "activation", None) in (None, "linear"):
-        return segmenter
-    plain = type(segmenter).from_config({**segmenter.get_config(), "activation": None})
-    plain.set_weights(segmenter.get_weights())
+    if getattr(model, "activation", None) in (None, "linear"):
+        return model
+    plain = type(model).from_config({**model.get_config(), "activation": None})
+    plain.set_weights(model.get_weights())
     return plain
 
 
-def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
+def initial_model(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
     """``--model`` as the starting point: an architecture (random), a segmenter preset to
     fine-tune, or a backbone preset (e.g. ``resnet_50_imagenet``) under a new DeepLabV3+ head."""
     spec = cfg.model
@@ -146,45 +163,72 @@ def initial_segmenter(cfg: TrainConfig) -> keras_hub.models.ImageSegmenter:
     return deeplab_v3_plus(encoder, cfg.num_classes, cfg.image_size)
 
 
-def trainable_model(segmenter: keras.Model) -> keras.Model:
+def trainable_model(model: keras.Model) -> keras.Model:
     """uint8 images in, float32 logits out: the network trains on what ``predict`` feeds it."""
-    images, x = uint8_inputs(segmenter)
-    logits = keras.ops.cast(segmenter(x), "float32")  # bf16 compute, float32 loss
+    images, x = uint8_inputs(model)
+    logits = keras.ops.cast(model(x), "float32")  # bf16 compute, float32 loss
     return keras.Model(images, logits, name="trainable_segmenter")
 
 
-def compile_for_training(model: keras.Model, cfg: TrainConfig, total_steps: int) -> ConfusionMatrixMetric:
+def compile_for_training(trainable: keras.Model, cfg: TrainConfig, total_steps: int) -> ConfusionMatrixMetric:
     metric = ConfusionMatrixMetric(cfg.num_classes)
-    model.compile(
+    trainable.compile(
         optimizer=build_optimizer(cfg, total_steps),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE_LABEL),
         metrics=[metric],
     )
-    model.optimizer.build(model.trainable_variables)
+    trainable.optimizer.build(trainable.trainable_variables)
     return metric
 
 
-def save_train_state(segmenter, model: keras.Model, directory: str, state: dict) -> None:
-    """Preset files (loadable by ``predict``) + optimiser slots + counters, side by side.
+def save_train_state(model: keras.Model, trainable: keras.Model, directory: str, state: dict) -> None:
+    """Preset files of ``model`` (loadable by ``predict``) + ``trainable``'s optimiser slots +
+    counters, side by side.
 
     Call on *every* worker: saving weights is collective under JAX multi-process
     (one rank alone would deadlock); only rank 0's directory is reported.
     """
     from raydeeplab.presets import save_model
 
-    save_model(segmenter, directory)
+    save_model(model, directory)
     np.savez(
         os.path.join(directory, OPTIMIZER),
-        **{f"v{i}": local_value(v) for i, v in enumerate(model.optimizer.variables)},
+        **{f"v{i}": local_value(v) for i, v in enumerate(trainable.optimizer.variables)},
     )
     with open(os.path.join(directory, STATE), "w") as f:
         json.dump(state, f, indent=2)
 
 
-def restore_train_state(model: keras.Model, directory: str) -> dict:
+def restore_train_state(trainable: keras.Model, directory: str) -> dict:
     """Load optimiser slots (momentum, iteration count: the LR schedule's position) and counters."""
     with np.load(os.path.join(directory, OPTIMIZER)) as saved:
-        for i, variable in enumerate(model.optimizer.variables):
+        for i, variable in enumerate(trainable.optimizer.variables):
             variable.assign(saved[f"v{i}"])
     with open(os.path.join(directory, STATE)) as f:
         return json.load(f)
+
+
+# ---------------------------------------------------------------- validation data
+
+
+def rank_slice(pairs: list, rank: int, world: int) -> list:
+    """This worker's share of ``pairs``, padded with ``None`` so every worker runs as many steps."""
+    share = pairs[rank::world]
+    return share + [None] * (math.ceil(len(pairs) / world) - len(share))
+
+
+def val_batches(pairs: list[voc.ExampleURIs | None], size: int, batch: int, num_classes: int):
+    """Fixed-shape (images, masks) batches; ``None`` entries are padding (all-ignore masks)."""
+
+    def load(pair):
+        if pair is None:
+            return np.zeros((size, size, 3), np.uint8), np.full((size, size), IGNORE_LABEL, np.uint8)
+        example = examples.load_training_example(pair[voc.IMAGE_URI], pair[voc.MASK_URI], num_classes)
+        return resize_for_eval(*example, size)
+
+    padded = pairs + [None] * (-len(pairs) % batch)
+    with ThreadPoolExecutor(8) as pool:  # I/O bound: S3 reads overlap
+        loaded = pool.map(load, padded)
+        for _ in range(0, len(padded), batch):
+            chunk = [next(loaded) for _ in range(batch)]
+            yield np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])

@@ -26,21 +26,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from raydeeplab import storage, telemetry
 from raydeeplab.config import ConfigError, TrainConfig
 from raydeeplab.data import examples, voc
-from raydeeplab.data.images import IGNORE_LABEL
-from raydeeplab.data.transforms import resize_for_eval, train_transform
+from raydeeplab.data.transforms import train_transform
 from raydeeplab.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -185,45 +182,16 @@ def coordinator_address() -> str:
 
 
 def setup_distribution(cfg: TrainConfig, rank: int, world: int) -> None:
-    """Data parallel over all devices of all workers.
-
-    On GPUs ``JaxTrainer`` initialises ``jax.distributed`` itself; on CPUs it does not, so
-    rank 0 publishes a coordinator address and every worker joins the same way, with gloo
-    collectives. From there both paths are the same (:func:`recipe.configure_keras`).
-    """
-    import jax
+    """Data parallel over all devices of all workers. On GPUs ``JaxTrainer`` has joined the
+    processes; on CPUs rank 0's coordinator address goes to every worker through Ray Train."""
     import ray.train.collective
 
     from raydeeplab import recipe
 
     if cfg.gpus_per_worker == 0 and world > 1:
         address = ray.train.collective.broadcast_from_rank_zero(coordinator_address() if rank == 0 else None)
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(address, world, rank)
+        recipe.join_processes(address, world, rank)
     recipe.configure_keras(cfg)
-
-
-def val_batches(pairs: list[voc.ExampleURIs | None], size: int, batch: int, num_classes: int):
-    """Fixed-shape (images, masks) batches; ``None`` entries are padding (all-ignore masks)."""
-
-    def load(pair):
-        if pair is None:
-            return np.zeros((size, size, 3), np.uint8), np.full((size, size), IGNORE_LABEL, np.uint8)
-        example = examples.load_training_example(pair[voc.IMAGE_URI], pair[voc.MASK_URI], num_classes)
-        return resize_for_eval(*example, size)
-
-    padded = pairs + [None] * (-len(pairs) % batch)
-    with ThreadPoolExecutor(8) as pool:  # I/O bound: S3 reads overlap
-        loaded = pool.map(load, padded)
-        for _ in range(0, len(padded), batch):
-            chunk = [next(loaded) for _ in range(batch)]
-            yield np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])
-
-
-def rank_slice(pairs: list, rank: int, world: int) -> list:
-    """This worker's share of ``pairs``, padded with ``None`` so every worker runs as many steps."""
-    share = pairs[rank::world]
-    return share + [None] * (math.ceil(len(pairs) / world) - len(share))
 
 
 def user_error_uri(output: str) -> str:
@@ -272,16 +240,16 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restarted worker group or a rerun command: continue where it stopped
         with checkpoint.as_directory() as local:
-            segmenter = keras_hub.models.ImageSegmenter.from_preset(local)
-            model = recipe.trainable_model(segmenter)
-            metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
-            state = recipe.restore_train_state(model, local)
+            model = keras_hub.models.ImageSegmenter.from_preset(local)
+            trainable = recipe.trainable_model(model)
+            metric = recipe.compile_for_training(trainable, cfg, steps * cfg.epochs)
+            state = recipe.restore_train_state(trainable, local)
         logger.info("rank %d resumed from %s at epoch %d", rank, checkpoint.path, state["epoch"])
         state["resumed_at_epochs"] = state.get("resumed_at_epochs", []) + [state["epoch"]]
     else:
-        segmenter = recipe.initial_segmenter(cfg)
-        model = recipe.trainable_model(segmenter)
-        metric = recipe.compile_for_training(model, cfg, steps * cfg.epochs)
+        model = recipe.initial_model(cfg)
+        trainable = recipe.trainable_model(model)
+        metric = recipe.compile_for_training(trainable, cfg, steps * cfg.epochs)
         state = {"epoch": 0, "best_mean_iou": -1.0, "history": [], "resumed_at_epochs": []}
 
     shard = ray.train.get_dataset_shard("train")
@@ -290,15 +258,15 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
         batches = shard.iter_batches(batch_size=per_worker, drop_last=True, batch_format="numpy")
         losses = []
         for _, batch in zip(range(steps), batches):
-            logs = model.train_on_batch(batch[IMAGE], batch[MASK], return_dict=True)
+            logs = trainable.train_on_batch(batch[IMAGE], batch[MASK], return_dict=True)
             losses.append(float(logs["loss"]))
         train_seconds = time.perf_counter() - started
         telemetry.train_step(train_seconds / max(steps, 1), steps * per_worker / max(train_seconds, 1e-9))
 
         matrix = np.zeros((cfg.num_classes, cfg.num_classes), np.int64)
-        shard_pairs = rank_slice(val_pairs, rank, world)
-        for images, masks in val_batches(shard_pairs, cfg.image_size, per_worker, cfg.num_classes):
-            model.test_on_batch(images, masks)  # resets the metric first: read each batch's counts
+        shard_pairs = recipe.rank_slice(val_pairs, rank, world)
+        for images, masks in recipe.val_batches(shard_pairs, cfg.image_size, per_worker, cfg.num_classes):
+            trainable.test_on_batch(images, masks)  # resets the metric first: read each batch's counts
             matrix += recipe.confusion_matrix(metric)
         scores = ConfusionMatrix.from_matrix(matrix).compute()
 
@@ -319,7 +287,7 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
             "history": state["history"] + [metrics],
         }
         with tempfile.TemporaryDirectory() as tmp:
-            recipe.save_train_state(segmenter, model, tmp, state)  # collective: every rank saves
+            recipe.save_train_state(model, trainable, tmp, state)  # collective: every rank saves
             with open(os.path.join(tmp, METRICS), "w") as f:
                 json.dump(metrics, f, indent=2)
             # Every rank reports (a barrier); rank 0's folder is the checkpoint. The others hold

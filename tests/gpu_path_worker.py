@@ -40,14 +40,14 @@ def main(rank: int, port: int, workdir: str) -> None:
     losses = {}
     for source in ("tiny", os.path.join(workdir, "backbone"), os.path.join(workdir, "segmenter")):
         cfg = TrainConfig(model=source, **base)
-        segmenter = recipe.initial_segmenter(cfg)
+        segmenter = recipe.initial_model(cfg)
         losses[os.path.basename(source)] = train_step(segmenter, cfg)
 
     # Resume: save the full training state (collective), load it back as a restarted worker does.
     import keras_hub
 
     cfg = TrainConfig(model="tiny", **base)
-    segmenter = recipe.initial_segmenter(cfg)
+    segmenter = recipe.initial_model(cfg)
     model = recipe.trainable_model(segmenter)
     recipe.compile_for_training(model, cfg, total_steps=4)
     model.train_on_batch(images, masks)

@@ -24,7 +24,7 @@ def test_a_softmax_headed_preset_trains_on_its_logits_not_on_probabilities(tmp_p
     guide = softmax_segmenter()
     guide.save_to_preset(str(tmp_path / "guide"))
     cfg = TrainConfig(data="d", output="o", model=str(tmp_path / "guide"), num_classes=3, image_size=64)
-    segmenter = recipe.initial_segmenter(cfg)
+    segmenter = recipe.initial_model(cfg)
 
     x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
     probabilities = np.asarray(guide(x, training=False))
@@ -52,3 +52,27 @@ def test_saved_presets_stretch_like_our_decoder_whatever_the_source_preset_did(t
     cropped = np.asarray(keras.layers.Resizing(64, 64, crop_to_aspect_ratio=True)(image))
     np.testing.assert_allclose(converted, stretched, atol=1e-3)
     assert np.abs(converted - cropped).max() > 10
+
+
+def test_validation_counts_are_numpys_and_scored_by_the_one_confusion_matrix():
+    """The Keras metric hands back counts only; the score is metrics.ConfusionMatrix's."""
+    from raydeeplab.metrics import ConfusionMatrix
+
+    cfg = TrainConfig(data="d", output="o", model="tiny", num_classes=3, image_size=64, batch_size=2)
+    trainable = recipe.trainable_model(recipe.initial_model(cfg))
+    metric = recipe.compile_for_training(trainable, cfg, total_steps=1)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    masks = rng.integers(0, 3, (2, 64, 64), dtype=np.uint8)
+    masks[:, :8] = 255  # ignored: VOC borders, padding
+
+    logs = trainable.test_on_batch(images, masks, return_dict=True)
+    pred = np.argmax(np.asarray(trainable.predict_on_batch(images)), axis=-1)
+    valid = masks != 255
+    expected = np.bincount(3 * masks[valid].astype(int) + pred[valid], minlength=9).reshape(3, 3)
+    np.testing.assert_array_equal(recipe.confusion_matrix(metric), expected)
+    np.testing.assert_array_equal(np.asarray(logs["confusion"]), expected)
+    scores = ConfusionMatrix.from_matrix(recipe.confusion_matrix(metric)).compute()
+    reference = ConfusionMatrix(3)
+    reference.update(masks, pred)
+    assert scores == reference.compute()
