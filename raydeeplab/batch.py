@@ -51,6 +51,7 @@ from raydeeplab.data.images import (
     resize_mask,
 )
 from raydeeplab.errors import UserError
+from raydeeplab.tta import TestTimeAugmentation
 
 logger = logging.getLogger(__name__)
 
@@ -290,7 +291,7 @@ class SegmenterPredictor:
             logger.exception("the model did not load")
             self.load_error = err
             return
-        self.segmenter = Segmenter(model, cfg.batch_size)
+        self.segmenter = Segmenter(model, cfg.batch_size, TestTimeAugmentation.parse(cfg.tta))
         self.segmenter.warmup()
         logger.info("segmenter ready in %.1fs", time.perf_counter() - started)
 

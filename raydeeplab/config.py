@@ -14,10 +14,11 @@ import typing
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydeeplab.cluster import absolute_paths
 from raydeeplab.errors import UserError
+from raydeeplab.tta import TestTimeAugmentation
 
 # ---------------------------------------------------------------- policies the roles share
 
@@ -103,6 +104,9 @@ def explain(cls: type[Config], err: ValidationError, where: dict[str, str]) -> s
             continue
         key = str(error["loc"][0])
         field = fields[key]
+        if error["type"] == "value_error":  # a field validator's message names the flag and the fix
+            lines.append(f"{where[key] + ': ' if key in where else ''}{error['ctx']['error']}")
+            continue
         if key in where:  # a YAML or Serve key: as written there, with an example for a wrong type
             example = (
                 f" (e.g. {key}: {field.default})"
@@ -205,6 +209,17 @@ class ModelOptions(Config):
     resize: Literal["stretch", "pad"] = Field(
         "stretch", description="to the model's square: stretch (the Keras guide) or keep aspect and pad"
     )
+    tta: str | None = Field(
+        None,
+        description="test-time augmentation: flip, scales=0.75,1,1.25 or both (flip,scales=...); "
+        "probabilities averaged on the device, cost = views x one pass",
+    )
+
+    @field_validator("tta")
+    @classmethod
+    def _tta_parses(cls, value: str | None) -> str | None:
+        TestTimeAugmentation.parse(value)  # raises with what is wrong
+        return value
 
 
 class ActorOptions(ModelOptions):

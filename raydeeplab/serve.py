@@ -39,6 +39,7 @@ from raydeeplab.api import (
     render,
 )
 from raydeeplab.config import Knobs, ServeConfig, inference_precision
+from raydeeplab.tta import TestTimeAugmentation
 from raydeeplab.data.images import ImageError, resize_image
 
 logger = logging.getLogger("ray.serve")  # replica logs go to Serve's log files
@@ -137,7 +138,7 @@ class SegmenterDeployment:
             if same_model and size in previous.segmenters:
                 segmenters[size] = previous.segmenters[size]  # already compiled
                 continue
-            segmenters[size] = Segmenter(model, size)
+            segmenters[size] = Segmenter(model, size, TestTimeAugmentation.parse(args.tta))
             segmenters[size].warmup()
         logger.info(
             "model %s ready: %d classes at %dpx, device batches %s, in %.1fs",
