@@ -164,8 +164,12 @@ def write_saved_model(preset: str, output: str, batch_size: int | None, model_ca
     SavedModel (signature ``serving_default``) to ``output``."""
     from raydeeplab.presets import load_model
 
+    import tensorflow as tf
+
     net = build_export_model(load_model(preset, cache_dir=model_cache), batch_size)
-    net.export(output, format="tf_saved_model", input_signature=list(net.inputs), verbose=False)
+    [images] = net.inputs
+    spec = tf.TensorSpec((batch_size, *images.shape[1:]), tf.uint8, name=INPUT)  # a KerasTensor's batch would be freed
+    net.export(output, format="tf_saved_model", input_signature=[spec], verbose=False)
 
 
 if __name__ == "__main__":  # the child of run_child: preset output batch_size(0: dynamic) model_cache
