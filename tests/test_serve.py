@@ -393,6 +393,13 @@ def test_cli_help_imports_neither_serve_nor_frameworks():
     assert out.strip() == "[]"
 
 
+def test_http_surface_imports_no_ray():
+    """raydeeplab.api is core: the Serve deployment is the only Ray in serving."""
+    code = "import sys, raydeeplab.api; print(sorted(m for m in ('ray', 'ray.serve') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_s3_preset_overwritten_in_place_is_loaded_fresh(bucket, tmp_path):
     """A long-lived replica reloading `best/` after training overwrote it gets the new model."""
     from raydeeplab import storage
