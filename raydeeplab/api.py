@@ -196,6 +196,8 @@ SEGMENT_RESPONSES = {
     400: {"description": "not an image, corrupt, too many pixels, or unsupported format"},
     401: {"description": "missing or wrong bearer token (when auth is on)"},
     413: {"description": "body over max_body_bytes"},
+    503: {"description": "every replica busy and max_queued_requests waiting: retry after the Retry-After header's seconds"},
+    504: {"description": "not answered within request_timeout_s"},
 }
 
 

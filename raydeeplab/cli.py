@@ -12,6 +12,7 @@ import argparse  # noqa: E402
 import errno  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
+import signal  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
@@ -95,10 +96,28 @@ def say(verb: str, text: str) -> None:
     print(f"raydeeplab {verb}: {text}", flush=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Kubernetes and process managers send), raised in the main thread. A
+    ``KeyboardInterrupt`` so that Ray and every verb stop their work as on Ctrl-C."""
+
+
+def raise_terminated(signum: int, frame: types.FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: a second SIGTERM must not cut the drain short
+    raise Terminated
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM raises :class:`Terminated`. Called again after ``ray.init``, whose own handler
+    kills the local Ray processes at once and exits, so the driver aborted (``Aborted``) on its
+    next call into Ray instead of draining and stopping its work."""
+    signal.signal(signal.SIGTERM, raise_terminated)
+
+
 def start_ray(verb: str, address: str | None, min_cpus: int | None = None) -> None:
     import ray
 
     init_ray(address, min_cpus)
+    stop_on_sigterm()
     resources = ray.cluster_resources()
     say(
         verb,
@@ -156,8 +175,12 @@ def run_evaluate_verb(args: argparse.Namespace) -> int:
 
 
 def wait_until_interrupted() -> None:
-    while True:
-        time.sleep(3600)
+    """Returns on Ctrl-C or SIGTERM (:class:`Terminated`)."""
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -186,19 +209,19 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    if starts_local(args.address) and not ray.is_initialized():  # on a cluster, the port is the head node's
+    local = starts_local(args.address) and not ray.is_initialized()
+    if local:  # on a cluster, the port is the head node's
         check_port_free(cfg.host, cfg.port)
-    init_ray(args.address)
+    start_ray("serve", args.address)
     application = app_builder(cfg.app_args(ray.cluster_resources().get("GPU", 0.0)))
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(application, name=APP_NAME, route_prefix="/")
-    print(f"raydeeplab serve: POST http://{cfg.host}:{cfg.port}/segment, docs at /docs; Ctrl-C stops")
-    try:
-        wait_until_interrupted()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        serve.delete(APP_NAME)
+    say("serve", f"POST http://{cfg.host}:{cfg.port}/segment, docs at /docs; Ctrl-C stops (or SIGTERM)")
+    wait_until_interrupted()
+    say("serve", f"stopping: in-flight requests finish first (up to {cfg.graceful_shutdown_timeout_s:g} s)")
+    serve.delete(APP_NAME)  # replicas drain while the proxy still carries their answers back
+    if local:
+        serve.shutdown()  # the proxy too: the port is free when this process exits
     return 0
 
 
@@ -276,7 +299,7 @@ def failure_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
-EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130  # README: Troubleshooting
+EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143  # README: Troubleshooting
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,8 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     traceback first)."""
     args = build_parser().parse_args(argv)
     try:
+        stop_on_sigterm()
         set_up_environment(args.verbose)
         return VERBS[args.verb](args)
+    except Terminated:  # as Ctrl-C, with the shell's code for a SIGTERM (128 + 15)
+        return report(args.verb, "stopped (SIGTERM); outputs written so far are kept", EXIT_TERMINATED)
     except KeyboardInterrupt:  # Ctrl-C: Ray, if started here, stops with this process
         return report(args.verb, "interrupted (Ctrl-C); outputs written so far are kept", EXIT_INTERRUPTED)
     except Exception as err:  # one line, not each worker's traceback

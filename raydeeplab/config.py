@@ -295,6 +295,16 @@ class ServeConfig(ModelOptions):
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="per replica (default: max(2 x --max-batch-size, 8))"
     )
+    max_queued_requests: int = Field(
+        64, ge=1, description="requests waiting for a replica, per proxy; more get 503 with Retry-After at once"
+    )
+    retry_after_s: int = Field(1, ge=0, description="the Retry-After header (seconds) of a 503 for a full queue")
+    request_timeout_s: float = Field(
+        60.0, gt=0, description="a request not answered this long after a replica took it gets 504"
+    )
+    graceful_shutdown_timeout_s: float = Field(
+        20.0, ge=0, description="on shutdown (SIGTERM, Ctrl-C, redeploy) replicas finish in-flight requests this long at most"
+    )
     max_body_bytes: int = Field(MAX_BODY_BYTES, ge=1, description="larger request bodies get 413")
     max_pixels: int = Field(SERVE_MAX_PIXELS, ge=1, description="larger images get 400 (decompression bombs)")
     auth_token_env: str | None = Field(

@@ -184,16 +184,21 @@ class SegmenterDeployment:
         check_bearer(request, self.token)
         if output not in FORMATS:
             raise HTTPException(400, f"format must be one of {', '.join(FORMATS)}, got {output!r}")
-        data = await read_image(request, self.args.max_body_bytes)
+        deadline = self.args.request_timeout_s  # from here on; waiting at the proxy is bounded by 503s
         try:
-            prepared = await asyncio.to_thread(
-                prepare, data, self.loaded.info.image_size, self.args.max_pixels, self.args.resize
-            )
-        except ImageError as err:  # refused here, so it never reaches (or fails) a batch
-            raise HTTPException(400, str(err)) from None
-        self.requests += 1
-        answer = await self.predict_batch((prepared.model_input, prepared.box))
-        return await asyncio.to_thread(render, output, prepared.image, answer, rle)
+            async with asyncio.timeout(deadline):
+                data = await read_image(request, self.args.max_body_bytes)
+                try:
+                    prepared = await asyncio.to_thread(
+                        prepare, data, self.loaded.info.image_size, self.args.max_pixels, self.args.resize
+                    )
+                except ImageError as err:  # refused here, so it never reaches (or fails) a batch
+                    raise HTTPException(400, str(err)) from None
+                self.requests += 1
+                answer = await self.predict_batch((prepared.model_input, prepared.box))
+                return await asyncio.to_thread(render, output, prepared.image, answer, rle)
+        except TimeoutError:
+            raise HTTPException(504, f"not answered within request_timeout_s={deadline:g} s") from None
 
     @api.get("/healthz")
     def healthz(self) -> dict:
@@ -241,6 +246,10 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
         # One batch on the device while the next one fills up. Never tiny, even unbatched: a full
         # replica sends callers into the router's retry backoff (4x less throughput at B=1).
         "max_ongoing_requests": config.max_ongoing_requests or max(2 * config.max_batch_size, 8),
+        # Past these, Serve's proxy answers 503 at once with this Retry-After: a bounded queue
+        "max_queued_requests": config.max_queued_requests,
+        "backpressure_config": {"retry_after_s": config.retry_after_s},
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,  # drain on delete/SIGTERM
         "ray_actor_options": {
             "num_cpus": config.cpus_per_replica,
             "num_gpus": config.gpus_per_replica,
