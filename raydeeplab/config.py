@@ -243,6 +243,11 @@ class PredictConfig(ActorOptions):
     max_error_rate: float = Field(
         1.0, ge=0, le=1, description="exit non-zero when more than this fraction of inputs fails (1: never)"
     )
+    tile: int | None = Field(
+        None, ge=1, description="sliding-window inference in tiles of the model's input size (e.g. 512); no resize"
+    )
+    overlap: int = Field(64, ge=0, description="--tile: pixels neighbouring tiles share and blend (< tile / 2)")
+    overlays: bool = Field(False, description="also write overlays/<path>.jpg: the image blended with its coloured mask")
     image_column: str | None = Field(
         None, min_length=1, description="--input is Parquet shards (file, folder or glob): the column of image bytes"
     )
