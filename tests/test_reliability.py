@@ -1,0 +1,371 @@
+"""What production does to a batch job, on real parts: a segmenter actor killed with SIGKILL, an
+object store that goes away or throttles, one that refuses for good, an output disk that fills up
+or turns read-only. Each test prints its figure (``pytest -s``); README: Reliability quotes them.
+
+``raydeeplab predict`` runs as a subprocess with its own local Ray cluster, from a temporary folder
+with relative paths, except for the disk tests, which run ``main()`` on the session cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydeeplab import storage
+from raydeeplab.batch import ERROR, MASK_PATH, PATH
+from raydeeplab.cli import main
+from raydeeplab.data.images import decode_mask_png, encode_jpeg
+from tests.corpus import photo
+from tests.s3_server import HOST, free_port, start_moto_server, stop_moto_server
+
+JOB_TIMEOUT = 600  # seconds a CLI run may take on two busy cores before the test fails
+
+
+# ---------------------------------------------------------------- parts
+
+
+class FaultyProxy:
+    """A TCP proxy in front of an S3 endpoint that fails the way stores do: ``down`` (connections
+    refused, open ones cut), ``slowdown`` (every request answered 503 SlowDown) or ``deny`` (403
+    AccessDenied); ``up`` forwards. Counts the requests it failed."""
+
+    ANSWERS = {
+        "slowdown": b"503 Slow Down", "deny": b"403 Forbidden",
+    }  # fmt: skip
+    CODES = {"slowdown": b"SlowDown", "deny": b"AccessDenied"}
+
+    def __init__(self, upstream: str):
+        self.upstream_port = int(upstream.rsplit(":", 1)[1])
+        self.port = free_port()
+        self.endpoint = f"http://{HOST}:{self.port}"
+        self.mode, self.failed_requests = "up", 0
+        self.connections: set[socket.socket] = set()
+        self.lock = threading.Lock()
+        self.server: socket.socket | None = None
+        self.listen()
+
+    def listen(self) -> None:
+        self.server = socket.create_server((HOST, self.port))  # SO_REUSEADDR: the same port again
+        threading.Thread(target=self.accept, args=(self.server,), daemon=True).start()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch, cutting open connections so that pooled keep-alive ones meet the new mode too."""
+        if mode == "down" and self.server is not None:
+            self.server.close()
+            self.server = None
+        elif mode != "down" and self.server is None:
+            self.listen()
+        self.mode = mode
+        with self.lock:
+            for conn in self.connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:  # closed: "down"
+                return
+            threading.Thread(target=self.serve, args=(client,), daemon=True).start()
+
+    def serve(self, client: socket.socket) -> None:
+        with self.lock:
+            self.connections.add(client)
+        try:
+            if self.mode in self.ANSWERS:
+                self.answer(client, self.mode)
+                return
+            upstream = socket.create_connection((HOST, self.upstream_port))
+            with self.lock:
+                self.connections.add(upstream)
+            threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+            pump(client, upstream)
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self.connections.discard(client)
+            client.close()
+
+    def answer(self, client: socket.socket, mode: str) -> None:
+        """One request's head read, answered with the store's error XML; the connection closed."""
+        head = b""
+        client.settimeout(10)
+        while b"\r\n\r\n" not in head and (chunk := client.recv(65536)):
+            head += chunk
+        if not head:
+            return
+        body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>%s</Code><Message>injected</Message></Error>" % (
+            self.CODES[mode]
+        )
+        client.sendall(
+            b"HTTP/1.1 %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (self.ANSWERS[mode], len(body), body)
+        )
+        with self.lock:
+            self.failed_requests += 1
+
+    def close(self) -> None:
+        self.set_mode("down")
+
+
+def pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def own_store(moto_s3, monkeypatch):
+    """A moto server of this test's own (never the session one: it is made to fail) behind a
+    :class:`FaultyProxy`; this process talks to moto directly. Yields the proxy."""
+    process, endpoint = start_moto_server()
+    proxy = FaultyProxy(endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    storage.filesystem("s3://")[0].mkdir("data")
+    try:
+        yield proxy
+    finally:
+        proxy.close()
+        stop_moto_server(process)
+
+
+def write_inputs(folder: str, count: int) -> list[str]:
+    """``count`` small JPEGs of varied sizes (masks come back at each source size)."""
+    uris = [storage.join(folder, f"img_{i:03d}.jpg") for i in range(count)]
+    for i, uri in enumerate(uris):
+        storage.write_bytes(uri, encode_jpeg(photo(24 + i % 17, 40 + i % 13)))
+    return uris
+
+
+def start_predict(cwd, tiny_model: str, input_uri: str, output: str, endpoint: str) -> subprocess.Popen:
+    """``raydeeplab predict`` with its own local Ray cluster, in its own process group (the
+    cluster's processes too), from ``cwd`` with the model given relative to it."""
+    flags = ["--input", input_uri, "--output", output, "--model", os.path.relpath(tiny_model, cwd),
+             "--batch-size", "4", "--decode-batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": "", "AWS_ENDPOINT_URL": endpoint}
+    return subprocess.Popen(
+        [sys.executable, "-m", "raydeeplab.cli", "--address", "local", "predict", *flags],
+        cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def finish(job: subprocess.Popen) -> tuple[int, str]:
+    """(exit code, stderr) of ``job``; its process group is killed whatever happens."""
+    try:
+        _, err = job.communicate(timeout=JOB_TIMEOUT)
+        return job.returncode, err
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(job.pid, signal.SIGKILL)  # the Ray cluster it started, if still there
+        job.wait()
+
+
+def wait_for_first_part(job: subprocess.Popen, output: str) -> None:
+    """Until the job has committed its first batch (the fault must land mid-way)."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not storage.list_files(storage.join(output, "predictions"), (".parquet",)):
+        assert job.poll() is None, f"the job ended before the fault: {job.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "no output in time"
+        time.sleep(0.2)
+
+
+def read_rows(output: str) -> list[dict]:
+    rows = []
+    for part in storage.list_files(storage.join(output, "predictions"), (".parquet",)):
+        rows += pq.read_table(io.BytesIO(storage.read_bytes(part))).to_pylist()
+    return rows
+
+
+def assert_done_means_written(output: str) -> list[dict]:
+    """Every row is an ok input whose mask exists whole, and no input has two rows."""
+    rows = read_rows(output)
+    paths = [row[PATH] for row in rows]
+    assert len(paths) == len(set(paths)), "an input has two rows"
+    for row in rows:
+        assert row[ERROR] is None, row
+        assert decode_mask_png(storage.read_bytes(row[MASK_PATH])).shape == (row["height"], row["width"])
+    return rows
+
+
+# ---------------------------------------------------------------- 1. a segmenter actor dies
+
+
+def segmenter_pids(group: int) -> list[int]:
+    """PIDs of the Ray Data segmenter actors in process group ``group`` (their process title
+    names the class)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(entry)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read()
+            if b"SegmenterPredictor" in title and os.getpgid(pid) == group:
+                pids.append(pid)
+    return pids
+
+
+def test_killed_segmenter_actor_is_restarted_and_every_input_gets_one_row(bucket, tmp_path, tiny_model):
+    inputs = write_inputs(f"{bucket}/in", 240)
+    job = start_predict(tmp_path, tiny_model, f"{bucket}/in", f"{bucket}/out", os.environ["AWS_ENDPOINT_URL"])
+    try:
+        wait_for_first_part(job, f"{bucket}/out")
+        victims = segmenter_pids(job.pid)
+        assert len(victims) == 1, victims  # one CPU actor
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        done_at_kill = len(read_rows(f"{bucket}/out"))
+    finally:
+        code, err = finish(job)
+    assert code == 0, err[-3000:]
+    assert done_at_kill < len(inputs), "the kill must land mid-way"
+
+    rows = assert_done_means_written(f"{bucket}/out")
+    assert sorted(row[PATH] for row in rows) == sorted(inputs)
+    masks = storage.list_files(f"{bucket}/out/masks")
+    assert sorted(masks) == sorted(uri.replace("/in/", "/out/masks/") + ".png" for uri in inputs)
+    record = json.loads(storage.read_bytes(f"{bucket}/out/_run.json"))
+    assert record["actor_restarts"] == 1
+    print(
+        f"\nFIGURE actor killed after {done_at_kill}/{len(inputs)} rows: {record['actor_restarts']} restart, "
+        f"{record['ok']} ok, 0 duplicates, job {record['seconds']:.0f} s, "
+        f"{time.monotonic() - killed_at:.0f} s from kill to exit"
+    )
+
+
+# ---------------------------------------------------------------- 2. a flaky or refusing object store
+
+OUTAGE_SECONDS = 6  # connections refused, then as long again answered 503 SlowDown
+
+
+def test_store_outage_and_throttling_are_retried_and_nothing_is_lost(own_store, tmp_path, tiny_model):
+    inputs = write_inputs("s3://data/in", 160)
+    job = start_predict(tmp_path, tiny_model, "s3://data/in", "s3://data/out", own_store.endpoint)
+    try:
+        wait_for_first_part(job, "s3://data/out")
+        done_before = len(read_rows("s3://data/out"))
+        for mode in ("down", "slowdown"):
+            own_store.set_mode(mode)
+            time.sleep(OUTAGE_SECONDS)
+        own_store.set_mode("up")
+        running_after = job.poll() is None
+    finally:
+        code, err = finish(job)
+    assert code == 0, err[-3000:]
+    assert running_after and done_before < len(inputs), "the outage must land mid-way"
+    assert own_store.failed_requests > 0, "no request met the throttling"
+
+    rows = assert_done_means_written("s3://data/out")
+    assert sorted(row[PATH] for row in rows) == sorted(inputs)
+    record = json.loads(storage.read_bytes("s3://data/out/_run.json"))
+    assert (record["ok"], record["failed"]) == (len(inputs), 0)
+    print(
+        f"\nFIGURE store down {OUTAGE_SECONDS} s then {OUTAGE_SECONDS} s of 503 SlowDown "
+        f"({own_store.failed_requests} requests refused) after {done_before}/{len(inputs)} rows: "
+        f"{record['ok']} ok, 0 lost, job {record['seconds']:.0f} s"
+    )
+
+
+@pytest.mark.parametrize("fault", ["access denied", "bucket deleted"])
+def test_store_refusing_for_good_ends_the_job_with_one_line_and_marks_only_finished_inputs_done(
+    own_store, tmp_path, tiny_model, fault
+):
+    inputs = write_inputs("s3://data/in", 160)
+    output = "s3://results/out"
+    storage.filesystem("s3://")[0].mkdir("results")
+    job = start_predict(tmp_path, tiny_model, "s3://data/in", output, own_store.endpoint)
+    try:
+        wait_for_first_part(job, output)
+        if fault == "access denied":
+            own_store.set_mode("deny")
+        else:
+            storage.remove("s3://data")  # every object, then the bucket
+        started = time.monotonic()
+    finally:
+        code, err = finish(job)
+    ended_in = time.monotonic() - started
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err[-3000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    expected = "AccessDenied" if fault == "access denied" else "bucket 'data' does not exist"
+    assert lines[0].startswith("raydeeplab predict: error: --") and expected in lines[0], lines[0]
+
+    rows = assert_done_means_written(output)  # nothing done without its mask, nothing failed
+    assert 0 < len(rows) < len(inputs)
+    print(f"\nFIGURE {fault} after {len(rows)}/{len(inputs)} rows: exit 2 in {ended_in:.0f} s, one line: {lines[0]}")
+
+
+# ---------------------------------------------------------------- 3. the output cannot be written
+
+
+@contextlib.contextmanager
+def small_disk(path, size: str):
+    """A tmpfs of ``size`` at ``path`` (needs root with CAP_SYS_ADMIN); yields a function that
+    turns it read-only."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        if os.geteuid() == 0:  # root writes through read-only permissions: nothing else to try
+            pytest.skip(f"no tmpfs mount here: {mounted.stderr.decode().strip()}")
+        yield lambda: [os.chmod(d, 0o555) for d, _, _ in os.walk(path)]
+        return
+    try:
+        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.mark.parametrize("fault", ["disk full", "read-only"])
+def test_unwritable_output_ends_the_job_and_marks_only_written_masks_done(
+    ray_local, tmp_path, tiny_model, capsys, fault
+):
+    inputs = write_inputs(str(tmp_path / "in"), 120)
+    disk = tmp_path / "disk"
+    with small_disk(disk, "96k" if fault == "disk full" else "4m") as make_read_only:
+        output = str(disk / "out")
+        if fault == "read-only":
+            watcher = threading.Thread(target=turn_read_only_after_some_masks, args=(output, make_read_only))
+            watcher.start()
+        args = ["predict", "--input", str(tmp_path / "in"), "--output", output, "--model", tiny_model,
+                "--batch-size", "4", "--decode-batch-size", "4"]  # fmt: skip
+        code = main(args)
+        if fault == "read-only":
+            watcher.join()
+        err = capsys.readouterr().err  # Ray Data's own log lines too: the session cluster is not the CLI's
+        lines = [line for line in err.splitlines() if line.startswith("raydeeplab predict:")]
+        assert code == 2, err
+        assert len(lines) == 1, err
+        assert lines[0].startswith("raydeeplab predict: error: --output "), err
+        assert ("no space left" if fault == "disk full" else "cannot write here") in lines[0], lines[0]
+        rows = assert_done_means_written(output)
+        masks = storage.list_files(os.path.join(output, "masks"))
+        assert 0 < len(masks) < len(inputs) and len(rows) < len(inputs)
+        assert not storage.exists(os.path.join(output, "_run.json"))
+    print(f"\nFIGURE {fault} after {len(masks)} masks, {len(rows)} rows of {len(inputs)}: exit 2, one line: {lines[0]}")
+
+
+def turn_read_only_after_some_masks(output: str, make_read_only, masks: int = 8) -> None:
+    """Part-way: once ``masks`` masks are written."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    folder = os.path.join(output, "masks")
+    while time.monotonic() < deadline and not (os.path.isdir(folder) and len(os.listdir(folder)) >= masks):
+        time.sleep(0.02)
+    make_read_only()
