@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from raydeeplab.cluster import absolute_paths
+from raydeeplab.cluster import PATH_KEYS, absolute_paths
 from raydeeplab.errors import UserError
 from raydeeplab.tta import TestTimeAugmentation
 
@@ -165,7 +165,9 @@ def load_config(cls: type[Config], path: str | None, overrides: dict[str, Any]):
         if value is not None:
             values[key] = value
             where.pop(key, None)
-    return cls.from_dict(absolute_paths(values), where=where)
+    # a relative default (quickstart's output folder) is as relative as a typed one
+    defaults = {k: f.default for k, f in cls.model_fields.items() if k in PATH_KEYS and k not in values and f.default}
+    return cls.from_dict(absolute_paths({**defaults, **values}), where=where)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
