@@ -148,3 +148,11 @@ def test_a_bad_value_fails_in_one_line_before_ray_starts(case, tmp_path):
     )
     assert run.returncode == 2 and len(run.stderr.splitlines()) == 1, run.stderr
     assert run.stderr.startswith(f"raydeeplab {argv[0]}: error: ") and words.format(cwd=tmp_path) in run.stderr, run.stderr
+
+
+def test_a_relative_default_path_comes_out_absolute(tmp_path, monkeypatch):
+    """quickstart's default output reached Ray Train's workers relative (they run elsewhere)."""
+    from raydeeplab.config import QuickstartConfig, load_config
+
+    monkeypatch.chdir(tmp_path)
+    assert load_config(QuickstartConfig, None, {}).output == str(tmp_path / "quickstart_out")
