@@ -16,6 +16,7 @@ constants a functional model captures extra graph inputs).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -65,6 +66,8 @@ def export_model(
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if fmt == "onnx" and importlib.util.find_spec("tf2onnx") is None:
+        raise ExportError("--format onnx needs tf2onnx; pip install 'raydeeplab[export]'")
     check_model_spec(spec)
     with storage.reaching("--output", output, "write"):
         storage.check_writable(output)
@@ -162,9 +165,9 @@ def build_export_model(segmenter, batch_size: int | None = None):
 def write_saved_model(preset: str, output: str, batch_size: int | None, model_cache: str | None) -> None:
     """Runs on the TensorFlow backend: load ``preset``, write its :func:`build_export_model` as a
     SavedModel (signature ``serving_default``) to ``output``."""
-    from raydeeplab.presets import load_model
-
     import tensorflow as tf
+
+    from raydeeplab.presets import load_model
 
     net = build_export_model(load_model(preset, cache_dir=model_cache), batch_size)
     [images] = net.inputs

@@ -239,6 +239,16 @@ CASES = {
         {},
         ["--model {cwd}/misfit: cannot load the preset (ValueError:", "save it again", "raised in a Ray worker"],
     ),
+    "model export to a read-only folder": (
+        ["model", "export", "--model", "tiny5", "--format", "onnx", "--output", "{read_only}/onnx"],
+        {},
+        ["--output {cwd}/{read_only}/onnx", "cannot write here (PermissionError", "choose a folder you can write"],
+    ),
+    "model export of a preset that fails to load (found by the TensorFlow process)": (
+        ["model", "export", "--model", "misfit", "--format", "saved_model", "--output", "exported"],
+        {},
+        ["--model {cwd}/misfit: cannot load the preset (ValueError:", "save it again"],
+    ),
     "serve on a port in use": (
         ["serve", "--model", "tiny", "--port", "{busy_port}"],
         {},
