@@ -57,12 +57,7 @@ def export_model(
     """``--model`` -> ``fmt`` files under ``output`` (local or ``s3://``), with ``raydeeplab.json``
     (classes, size, inputs and outputs) beside them; returns that JSON."""
     from raydeeplab.architectures import ARCHITECTURES
-    from raydeeplab.presets import (
-        check_model_spec,
-        describe_model,
-        load_model,
-        save_model,
-    )
+    from raydeeplab.presets import SIDECAR, check_model_spec, describe_model, load_model, save_model
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -94,7 +89,7 @@ def export_model(
             "outputs": OUTPUTS,
             "bytes": folder_bytes(local),
         }
-        with open(os.path.join(local, "raydeeplab.json"), "w") as f:
+        with open(os.path.join(local, SIDECAR), "w") as f:
             json.dump(written, f, indent=2)
         if local != output:
             with storage.reaching("--output", output, "write"):
