@@ -225,6 +225,7 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     serve.delete(APP_NAME)  # replicas drain while the proxy still carries their answers back
     if local:
         serve.shutdown()  # the proxy too: the port is free when this process exits
+    say("serve", "stopped")
     return 0
 
 

@@ -95,11 +95,14 @@ def test_sigterm_drains_in_flight_requests_then_serve_exits_0(tmp_path):
     try:
         image = photo(0, 48, 80)
         answers: list[httpx.Response] = []
-        slow = threading.Thread(
-            target=lambda: answers.append(
-                httpx.post(f"{server.url}/segment", files={"image": ("a.png", png_bytes(image))}, timeout=120)
-            )
-        )
+        answered = float("nan")
+
+        def send() -> None:
+            nonlocal answered
+            answers.append(httpx.post(f"{server.url}/segment", files={"image": ("a.png", png_bytes(image))}, timeout=120))
+            answered = time.monotonic()
+
+        slow = threading.Thread(target=send)
         sent = time.monotonic()
         slow.start()
         while httpx.get(f"{server.url}/stats", timeout=30).json()["requests"] < 1:  # in the replica's batch
@@ -111,8 +114,8 @@ def test_sigterm_drains_in_flight_requests_then_serve_exits_0(tmp_path):
         exit_s = time.monotonic() - stopped
         slow.join(timeout=60)
         stderr = server.stderr.read_text()
-        print(f"\nSIGTERM -> exit {code} in {exit_s:.1f} s; in-flight request answered {answers[0].status_code} "
-              f"{time.monotonic() - sent:.1f} s after it was sent")  # fmt: skip
+        print(f"\nSIGTERM {stopped - sent:.1f} s after the request was sent -> exit {code} in {exit_s:.1f} s; "
+              f"the request answered {answers[0].status_code if answers else None} {answered - sent:.1f} s after it was sent")  # fmt: skip
 
         assert answers and answers[0].status_code == 200, answers and answers[0].text
         assert decode_mask_png(answers[0].content).shape == (48, 80)
