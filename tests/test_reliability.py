@@ -169,14 +169,28 @@ def start_predict(cwd, tiny_model: str, input_uri: str, output: str, endpoint: s
 
 
 def finish(job: subprocess.Popen) -> tuple[int, str]:
-    """(exit code, stderr) of ``job``; its process group is killed whatever happens."""
+    """(exit code, stderr) of ``job``; its session is killed whatever happens."""
     try:
         _, err = job.communicate(timeout=JOB_TIMEOUT)
         return job.returncode, err
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(job.pid, signal.SIGKILL)  # the Ray cluster it started, if still there
+        for pid, _ in session_processes(job.pid):  # the Ray cluster it started, if still there
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         job.wait()
+
+
+def session_processes(session: int) -> list[tuple[int, bytes]]:
+    """``(pid, command line)`` of every process in ``session``: Ray puts its raylet and workers
+    in process groups of their own, but they stay in the session of the driver that started them."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(entry)
+            if os.getsid(pid) == session:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    found.append((pid, f.read()))
+    return found
 
 
 def wait_for_first_part(job: subprocess.Popen, output: str) -> None:
@@ -209,18 +223,9 @@ def assert_done_means_written(output: str) -> list[dict]:
 # ---------------------------------------------------------------- 1. a segmenter actor dies
 
 
-def segmenter_pids(group: int) -> list[int]:
-    """PIDs of the Ray Data segmenter actors in process group ``group`` (their process title
-    names the class)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        with contextlib.suppress(OSError, ValueError):
-            pid = int(entry)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                title = f.read()
-            if b"SegmenterPredictor" in title and os.getpgid(pid) == group:
-                pids.append(pid)
-    return pids
+def segmenter_pids(session: int) -> list[int]:
+    """PIDs of the Ray Data segmenter actors in ``session`` (their process title names the class)."""
+    return [pid for pid, title in session_processes(session) if b"SegmenterPredictor" in title]
 
 
 def test_killed_segmenter_actor_is_restarted_and_every_input_gets_one_row(bucket, tmp_path, tiny_model):
