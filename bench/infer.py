@@ -156,7 +156,7 @@ def commits(output: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([t for t, _ in parts]), np.array(rows)
 
 
-def write_shards(paths: list[str], folder: str, rows_per_shard: int = 256) -> str:
+def write_shards(paths: list[str], folder: str, rows_per_shard: int = 64) -> str:
     """The corpus as Parquet shards of ``(key, jpeg)`` rows; returns their glob."""
     import pyarrow as pa
     import pyarrow.parquet as pq

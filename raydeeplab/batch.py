@@ -440,7 +440,9 @@ def read_inputs(cfg: PredictConfig):
         ).map_batches(
             shard_rows, batch_format="numpy",
             fn_kwargs={"image_column": cfg.image_column, "id_column": cfg.id_column, "scheme": scheme},
-        )  # fmt: skip
+        ).repartition(target_num_rows_per_block=cfg.decode_batch_size)  # fmt: skip
+        # a shard is one block of thousands of rows: cut, so decoding spreads over tasks and the
+        # first masks do not wait for a whole shard to be decoded by one task
     if is_manifest(cfg.input):
         items = [{PATH: uri, RELPATH: rel} for uri, rel in manifest_inputs(cfg.input)]
         return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.decode_batch_size + 1, 10_000)))
