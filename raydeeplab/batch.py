@@ -15,7 +15,11 @@ Outputs under ``OUT``:
   ``error`` (null when ok, else ``"<reason>: <detail>"``), ``height``, ``width`` (source size),
   ``class_pixel_counts`` (one count per class), ``mask_path`` (null with ``--masks parquet``),
   ``model``, ``mask_png`` (the palette PNG's bytes with ``--masks parquet|both``, else null:
-  :func:`read_mask` turns a row back into the mask);
+  :func:`read_mask` turns a row back into the mask), ``confidence`` (mean top-class probability
+  over the image) and ``low_confidence_fraction`` (share of its pixels below
+  ``segmenter.LOW_CONFIDENCE``): sort by them to find what to relabel;
+- ``overlays/<relative input path or id>.jpg`` with ``--overlays``: the source blended with the
+  coloured mask, at source size;
 - ``_run.json``: :class:`RunSummary`'s fields, ``model`` and ``arguments`` (the config).
 
 A Parquet row is the commit record of an input: it is written after its PNG, atomically,
@@ -40,17 +44,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydeeplab import storage, telemetry
-from raydeeplab.config import ActorOptions, ConfigError, PredictConfig, default_gpus, inference_precision
+from raydeeplab.config import MAX_PIXELS, ActorOptions, ConfigError, PredictConfig, default_gpus, inference_precision
 from raydeeplab.data.images import (
     IMAGE_EXTENSIONS,
     ImageError,
     decode_image,
     decode_mask_png,
+    encode_jpeg,
     encode_mask_png,
-    resize_image,
-    resize_mask,
+    fit_image,
+    overlay,
+    restore_mask,
 )
 from raydeeplab.errors import UserError
+from raydeeplab.tiling import SceneAssembler, TileGrid, check_tiling
 from raydeeplab.tta import TestTimeAugmentation
 
 logger = logging.getLogger(__name__)
@@ -59,8 +66,14 @@ PATH, RELPATH, IMAGE, MASK, HEIGHT, WIDTH, ERROR = (
     "path", "relpath", "image", "mask", "height", "width", "error",
 )  # fmt: skip
 CLASS_PIXELS, MASK_PATH, MODEL, MASK_PNG = "class_pixel_counts", "mask_path", "model", "mask_png"
-BYTES = "bytes"  # a shard row's encoded image, dropped once decoded
-MASKS_DIR, PREDICTIONS_DIR, RUN_SUMMARY = "masks", "predictions", "_run.json"
+BYTES = "bytes"  # a shard row's encoded image, dropped once decoded (kept for --overlays)
+BOX = "box"  # (y0, y1, x0, x1): where the image lies in the model's square (a tile: its centre cell)
+CONFIDENCE, LOW_FRACTION = "confidence", "low_confidence_fraction"
+# --tile: a tile's index in its scene (-1: the scene's one failed row), its device outputs, and an
+# assembled scene's mask as raw (H * W) uint8 bytes with the assembler's peak memory so far
+TILE, TOP_SUM, LOW_COUNT, BANDS = "tile", "top_sum", "low_count", "bands"
+SCENE_MASK, ASSEMBLY_BYTES, ASSEMBLER_RSS = "scene_mask", "assembly_bytes", "assembler_rss"
+MASKS_DIR, OVERLAYS_DIR, PREDICTIONS_DIR, RUN_SUMMARY = "masks", "overlays", "predictions", "_run.json"
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 # --masks parquet: rows per predictions file, so N images make N / 1024 files, not N objects
 ROWS_PER_FILE = 1024
@@ -75,6 +88,8 @@ PREDICTION_SCHEMA = pa.schema(
         (MASK_PATH, pa.string()),
         (MODEL, pa.string()),
         (MASK_PNG, pa.binary()),
+        (CONFIDENCE, pa.float32()),
+        (LOW_FRACTION, pa.float32()),
     ]
 )
 
@@ -216,10 +231,20 @@ def check_predict_config(cfg: PredictConfig):
         raise ConfigError(
             f"--output {cfg.output} is inside --input {cfg.input}: outputs would be read back as inputs"
         )
+    if cfg.tile is not None:
+        try:
+            check_tiling(cfg.tile, cfg.overlap)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)
     check_sizes_agree(cfg.model, info, cfg.given("num_classes"), cfg.image_size)
+    if cfg.tile is not None and cfg.tile != info.image_size:
+        raise ConfigError(
+            f"--tile {cfg.tile} must equal the model's input size {info.image_size} (tiles are never resized); "
+            f"pass --tile {info.image_size}"
+        )
     with storage.reaching("--output", cfg.output, "write"):  # last: a failed check leaves no folder behind
         storage.check_writable(cfg.output)
     return info
@@ -228,28 +253,85 @@ def check_predict_config(cfg: PredictConfig):
 # ---------------------------------------------------------------- pipeline stages
 
 
-def load_images(batch: dict[str, np.ndarray], image_size: int, max_pixels: int) -> dict:
+def load_images(
+    batch: dict[str, np.ndarray], image_size: int, max_pixels: int, resize: str = "stretch", keep_bytes: bool = False
+) -> dict:
     """{PATH} (read from storage) or {PATH, BYTES, ERROR} (shard rows) -> adds IMAGE (n, S, S, 3)
-    uint8, HEIGHT, WIDTH, ERROR ("" when ok); drops BYTES."""
+    uint8 fitted by ``resize`` (:func:`fit_image`), BOX (n, 4) int32, HEIGHT, WIDTH, ERROR ("" when
+    ok); BYTES (the encoded image, for --overlays) only with ``keep_bytes``."""
     encoded, failed = batch.pop(BYTES, None), batch.get(ERROR)
     n = len(batch[PATH])
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
+    boxes = np.zeros((n, 4), np.int32)
     heights, widths = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    kept = np.full(n, b"", object)
     errors = []
     for i, uri in enumerate(batch[PATH]):
         try:
-            if failed is not None and failed[i]:
-                raise ImageError(str(failed[i]))
-            data = read_input(uri) if encoded is None else (encoded[i] or b"")
-            telemetry.bytes_read(len(data))
-            image = decode_image(data, max_pixels)
+            image, kept[i] = decode_input(uri, None if encoded is None else encoded[i], failed, i, max_pixels)
         except ImageError as err:
             errors.append(str(err))
             continue
         heights[i], widths[i] = image.shape[:2]
-        images[i] = resize_image(image, image_size)
+        images[i], boxes[i] = fit_image(image, image_size, resize)
         errors.append("")
-    return {**batch, IMAGE: images, HEIGHT: heights, WIDTH: widths, ERROR: np.array(errors)}
+    out = {**batch, IMAGE: images, BOX: boxes, HEIGHT: heights, WIDTH: widths, ERROR: np.array(errors)}
+    return {**out, BYTES: kept} if keep_bytes else out
+
+
+def decode_input(uri, encoded: bytes | None, failed, i: int, max_pixels: int) -> tuple[np.ndarray, bytes]:
+    """Row ``i``'s ``(H, W, 3) uint8`` image and its encoded bytes: from the shard row (``encoded``)
+    or read from ``uri``; a row that already failed (``failed[i]``) raises its reason."""
+    if failed is not None and failed[i]:
+        raise ImageError(str(failed[i]))
+    data = read_input(uri) if encoded is None else (encoded or b"")
+    telemetry.bytes_read(len(data))
+    return decode_image(data, max_pixels), data
+
+
+def split_tiles(batch: dict[str, np.ndarray], tile: int, overlap: int, max_pixels: int, keep_bytes: bool, chunk: int):
+    """Scenes -> one row per tile (:class:`TileGrid`, raster order), yielded ``chunk`` rows at a time:
+    {PATH, RELPATH, TILE, IMAGE (S, S, 3) uint8, BOX (the tile's centre box), HEIGHT, WIDTH (the
+    scene's), ERROR}, and BYTES (the encoded scene on its tile 0, for --overlays). A scene that fails
+    to decode is one row, TILE -1. Each scene is decoded once; a task holds it and one chunk."""
+    encoded, failed = batch.pop(BYTES, None), batch.get(ERROR)
+    rows: list[dict] = []
+    for i, uri in enumerate(batch[PATH]):
+        scene = {PATH: uri, RELPATH: batch[RELPATH][i]}
+        try:
+            image, data = decode_input(uri, None if encoded is None else encoded[i], failed, i, max_pixels)
+        except ImageError as err:
+            rows.append({**scene, TILE: -1, IMAGE: None, BOX: (0, 0, 0, 0), HEIGHT: 0, WIDTH: 0, ERROR: str(err)})
+            continue
+        grid = TileGrid(*image.shape[:2], tile, overlap)
+        for index in range(len(grid)):
+            rows.append({
+                **scene, TILE: index, IMAGE: grid.crop(image, index), BOX: grid.centre_box(index),
+                HEIGHT: grid.height, WIDTH: grid.width, ERROR: "", BYTES: data if keep_bytes and index == 0 else b"",
+            })  # fmt: skip
+            if len(rows) == chunk:
+                yield tile_batch(rows, tile, keep_bytes)
+                rows = []
+    if rows:
+        yield tile_batch(rows, tile, keep_bytes)
+
+
+def tile_batch(rows: list[dict], tile: int, keep_bytes: bool) -> dict[str, np.ndarray]:
+    """:func:`split_tiles`' rows as numpy columns; a failed scene's IMAGE is zeros."""
+    blank = np.zeros((tile, tile, 3), np.uint8)
+    out = {
+        PATH: np.array([r[PATH] for r in rows], object),
+        RELPATH: np.array([r[RELPATH] for r in rows], object),
+        TILE: np.array([r[TILE] for r in rows], np.int32),
+        IMAGE: np.stack([blank if r[IMAGE] is None else r[IMAGE] for r in rows]),
+        BOX: np.array([r[BOX] for r in rows], np.int32),
+        HEIGHT: np.array([r[HEIGHT] for r in rows], np.int32),
+        WIDTH: np.array([r[WIDTH] for r in rows], np.int32),
+        ERROR: np.array([r[ERROR] for r in rows], object),
+    }
+    if keep_bytes:
+        out[BYTES] = np.array([r.get(BYTES, b"") for r in rows], object)
+    return out
 
 
 def read_input(uri: str) -> bytes:
@@ -269,7 +351,9 @@ class ModelLoadError(UserError):
 
 
 class SegmenterPredictor:
-    """{IMAGE: (b, S, S, 3) uint8} -> {MASK: (b, S, S) uint8}; the model is loaded once per actor.
+    """{IMAGE: (b, S, S, 3) uint8, BOX} -> {MASK: (b, S, S) uint8, CONFIDENCE, LOW_FRACTION}; with
+    ``--tile``, tiles and their centre boxes -> {MASK, TOP_SUM, LOW_COUNT, BANDS} for
+    :class:`MaskAssembler` (``Segmenter.segment_tiles``). The model is loaded once per actor.
 
     A user error while loading (a preset whose weights do not fit its head) is kept and raised
     by the first call: raised here, Ray would restart the actor for ~80 s before giving up;
@@ -292,7 +376,8 @@ class SegmenterPredictor:
             self.load_error = err
             return
         self.segmenter = Segmenter(model, cfg.batch_size, TestTimeAugmentation.parse(cfg.tta))
-        self.segmenter.warmup()
+        self.overlap = cfg.overlap if cfg.tile else None  # None: whole images, not tiles
+        self.segmenter.warmup(self.overlap)
         logger.info("segmenter ready in %.1fs", time.perf_counter() - started)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -301,47 +386,130 @@ class SegmenterPredictor:
         images = batch.pop(IMAGE)
         ok = batch[ERROR] == ""
         if ok.all():  # the usual case: no boolean-index copies (24 ms of host time per 64 x 512^2 batch)
-            batch[MASK] = self.predict(images)
-        else:  # failed rows carry a zero image: don't spend the device on them
-            batch[MASK] = np.zeros(images.shape[:3], np.uint8)
-            if ok.any():
-                batch[MASK][ok] = self.predict(images[ok])
+            batch.update(self.predict(images, batch[BOX]))
+            return batch
+        # failed rows carry a zero image: don't spend the device on them
+        for column, values in self.predict(images[ok], batch[BOX][ok]).items():
+            batch[column] = np.zeros((len(ok), *values.shape[1:]), values.dtype)
+            batch[column][ok] = values
         return batch
 
-    def predict(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, images: np.ndarray, boxes: np.ndarray) -> dict[str, np.ndarray]:
         started = time.perf_counter()
-        masks = self.segmenter.predict(images)
+        if self.overlap is None:
+            out = self.segmenter.segment(images, boxes)
+            columns = {MASK: out.masks, CONFIDENCE: out.confidence, LOW_FRACTION: out.low_confidence_fraction}
+        else:
+            out = self.segmenter.segment_tiles(images, boxes, self.overlap)
+            columns = {MASK: out.masks, TOP_SUM: out.top_sum, LOW_COUNT: out.low_count, BANDS: out.bands}
         if len(images):
             calls = -(-len(images) // self.segmenter.batch_size)
             fill = len(images) / (calls * self.segmenter.batch_size)
             telemetry.device_batch(time.perf_counter() - started, fill, role="batch")
-        return masks
+        return columns
+
+
+class MaskAssembler:
+    """Tile rows, in any order from any segmenter actor -> one row per finished scene: {PATH, RELPATH,
+    HEIGHT, WIDTH, ERROR, SCENE_MASK (H * W uint8 bytes), CONFIDENCE, LOW_FRACTION, ASSEMBLY_BYTES,
+    ASSEMBLER_RSS} (+ BYTES with --overlays); a scene that failed to decode passes as its one row.
+
+    One for the job (``ActorPoolStrategy(size=1)``): every tile of a scene must reach the same
+    :class:`SceneAssembler`. It holds, per open scene, the uint8 mask and the band cells some but
+    not all of their tiles have reached (``tiling``'s bound: ``H*W + 4 (W + S) v C 4`` bytes in
+    raster order), never a scene's float probabilities. If it dies, Ray restarts it empty: scenes it
+    had open never complete, so they get no predictions row and the next run (resume) redoes them.
+    """
+
+    def __init__(self, tile: int, overlap: int, num_classes: int, low_confidence: float, keep_bytes: bool):
+        self.tile, self.overlap, self.num_classes, self.keep_bytes = tile, overlap, num_classes, keep_bytes
+        self.low_confidence = low_confidence  # segmenter.LOW_CONFIDENCE, passed in: no keras in this process
+        self.scenes: dict[str, tuple[SceneAssembler, dict]] = {}  # PATH -> (assembler, RELPATH and BYTES)
+        self.peak_bytes = 0
+
+    def held_bytes(self) -> int:
+        return sum(a.mask.nbytes + a.open_bytes + len(kept[BYTES]) for a, kept in self.scenes.values())
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        import resource
+
+        rows: list[dict] = []
+        for i, uri in enumerate(batch[PATH]):
+            height, width = int(batch[HEIGHT][i]), int(batch[WIDTH][i])
+            if batch[ERROR][i]:
+                rows.append({PATH: uri, RELPATH: batch[RELPATH][i], ERROR: str(batch[ERROR][i]), HEIGHT: 0, WIDTH: 0})
+                continue
+            if uri not in self.scenes:
+                grid = TileGrid(height, width, self.tile, self.overlap)
+                self.scenes[uri] = SceneAssembler(grid, self.num_classes, self.low_confidence), {RELPATH: batch[RELPATH][i], BYTES: b""}
+            assembler, kept = self.scenes[uri]
+            if self.keep_bytes and batch[BYTES][i]:
+                kept[BYTES] = batch[BYTES][i]
+            assembler.add(int(batch[TILE][i]), batch[MASK][i], batch[BANDS][i], batch[TOP_SUM][i], batch[LOW_COUNT][i])
+            self.peak_bytes = max(self.peak_bytes, self.held_bytes())
+            if assembler.done:
+                del self.scenes[uri]
+                confidence, low = assembler.confidence()
+                rows.append({
+                    PATH: uri, RELPATH: kept[RELPATH], ERROR: "", HEIGHT: height, WIDTH: width,
+                    SCENE_MASK: assembler.mask.tobytes(), CONFIDENCE: confidence, LOW_FRACTION: low, BYTES: kept[BYTES],
+                })  # fmt: skip
+        if not rows:  # a generator that yields nothing: no empty blocks downstream
+            return
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        yield {
+            PATH: np.array([r[PATH] for r in rows], object),
+            RELPATH: np.array([r[RELPATH] for r in rows], object),
+            ERROR: np.array([r[ERROR] for r in rows], object),
+            HEIGHT: np.array([r[HEIGHT] for r in rows], np.int32),
+            WIDTH: np.array([r[WIDTH] for r in rows], np.int32),
+            SCENE_MASK: np.array([r.get(SCENE_MASK, b"") for r in rows], object),
+            CONFIDENCE: np.array([r.get(CONFIDENCE, 0.0) for r in rows], np.float32),
+            LOW_FRACTION: np.array([r.get(LOW_FRACTION, 0.0) for r in rows], np.float32),
+            ASSEMBLY_BYTES: np.full(len(rows), self.peak_bytes, np.int64),
+            ASSEMBLER_RSS: np.full(len(rows), rss, np.int64),
+            **({BYTES: np.array([r.get(BYTES, b"") for r in rows], object)} if self.keep_bytes else {}),
+        }
 
 
 def write_outputs(
-    batch: dict[str, np.ndarray], output: str, model_id: str, num_classes: int, masks: str = "png"
+    batch: dict[str, np.ndarray],
+    output: str,
+    model_id: str,
+    num_classes: int,
+    masks: str = "png",
+    overlays: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> dict[str, np.ndarray]:
-    """Masks as PNG objects (``masks`` png|both) and/or in the table (parquet|both), then the
-    batch's Parquet part (the commit record); returns {PATH, ERROR}."""
+    """Masks at source size as PNG objects (``masks`` png|both) and/or in the table (parquet|both),
+    overlay JPEGs (``overlays``: BYTES decoded again), then the batch's Parquet part (the commit
+    record); returns {PATH, ERROR} (+ the assembler's memory figures with --tile)."""
     rows = collections.defaultdict(list)
     objects, in_table = masks in ("png", "both"), masks in ("parquet", "both")
     for i, uri in enumerate(batch[PATH]):
         error = str(batch[ERROR][i])
-        counts, mask_uri, png = None, None, None
-        if not error and objects:
+        counts, mask_uri, overlay_uri, png = None, None, None, None
+        if not error:
             try:  # a name with '..', a root or a drive would put its mask outside --output
-                mask_uri = storage.child(storage.join(output, MASKS_DIR), f"{batch[RELPATH][i]}.png")
+                if objects:
+                    mask_uri = storage.child(storage.join(output, MASKS_DIR), f"{batch[RELPATH][i]}.png")
+                if overlays:
+                    overlay_uri = storage.child(storage.join(output, OVERLAYS_DIR), f"{batch[RELPATH][i]}.jpg")
             except storage.UnsafePathError as err:
-                error = f"unsafe path: {err}"
+                error, mask_uri = f"unsafe path: {err}", None
         if not error:
             height, width = int(batch[HEIGHT][i]), int(batch[WIDTH][i])
-            mask = resize_mask(batch[MASK][i], height, width)
+            mask = source_mask(batch, i, height, width)
             png = encode_mask_png(mask)
             counts = np.bincount(mask.ravel(), minlength=num_classes).tolist()
             try:
                 if objects:
                     storage.write_bytes(mask_uri, png)
                     telemetry.bytes_written(len(png))
+                if overlays:
+                    jpeg = overlay_jpeg(decode_image(batch[BYTES][i], max_pixels), mask)
+                    storage.write_bytes(overlay_uri, jpeg)
+                    telemetry.bytes_written(len(jpeg))
             except OSError as err:
                 error, mask_uri, counts = f"write failed: {type(err).__name__}: {err}", None, None
         rows[PATH].append(str(uri))
@@ -352,6 +520,8 @@ def write_outputs(
         rows[MASK_PATH].append(mask_uri)
         rows[MODEL].append(model_id)
         rows[MASK_PNG].append(png if in_table and not error else None)
+        rows[CONFIDENCE].append(float(batch[CONFIDENCE][i]) if not error else None)
+        rows[LOW_FRACTION].append(float(batch[LOW_FRACTION][i]) if not error else None)
     table = pa.table(dict(rows), schema=PREDICTION_SCHEMA)
     # Named by content: a retried task overwrites its own part instead of duplicating rows.
     digest = hashlib.sha1("\n".join(rows[PATH]).encode()).hexdigest()[:20]
@@ -363,7 +533,27 @@ def write_outputs(
     for error in rows[ERROR]:
         if error:
             telemetry.image_failed(reason_of(error))
-    return {PATH: np.array(rows[PATH]), ERROR: np.array([e or "" for e in rows[ERROR]])}
+    done = {PATH: np.array(rows[PATH]), ERROR: np.array([e or "" for e in rows[ERROR]])}
+    return {**done, **{k: batch[k] for k in (ASSEMBLY_BYTES, ASSEMBLER_RSS) if k in batch}}
+
+
+def source_mask(batch: dict[str, np.ndarray], i: int, height: int, width: int) -> np.ndarray:
+    """Row ``i``'s ``(height, width) uint8`` mask: an assembled scene's, or the model's square with
+    :func:`fit_image` undone (:func:`restore_mask`)."""
+    if SCENE_MASK in batch:
+        return np.frombuffer(batch[SCENE_MASK][i], np.uint8).reshape(height, width)
+    return restore_mask(batch[MASK][i], batch[BOX][i], height, width)
+
+
+OVERLAY_ROWS = 1024  # rows blended at a time: a scene's overlay holds uint8 arrays, not float32 ones
+
+
+def overlay_jpeg(image: np.ndarray, mask: np.ndarray) -> bytes:
+    """:func:`overlay` of the source and its mask at source size, as JPEG; blended in strips."""
+    out = np.empty_like(image)
+    for top in range(0, len(image), OVERLAY_ROWS):
+        out[top : top + OVERLAY_ROWS] = overlay(image[top : top + OVERLAY_ROWS], mask[top : top + OVERLAY_ROWS])
+    return encode_jpeg(out)
 
 
 # ---------------------------------------------------------------- the job
@@ -384,6 +574,10 @@ class RunSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     first_output_seconds: float | None = None
+    # --tile: the most bytes the assembler held at once (masks of open scenes + open band cells +
+    # kept source bytes), and its process's peak RSS (Ray worker included); None without --tile
+    assembly_peak_bytes: int | None = None
+    assembler_peak_rss_bytes: int | None = None
 
     @property
     def processed(self) -> int:
@@ -418,6 +612,12 @@ def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
     requests differ), so decoding runs in tasks on other cores while the actor feeds the device.
     """
     return 128 * 2**20 + cfg.decode_batch_size * image_size * image_size * 3 * 5
+
+
+def scene_task_memory(cfg: PredictConfig, image_size: int) -> int:
+    """Bytes a :func:`split_tiles` task holds: the baseline, one decoded scene at the pixel cap
+    (3 bytes a pixel, plus Pillow's copy while converting) and a chunk of tiles on its way out."""
+    return 128 * 2**20 + cfg.max_pixels * 3 * 2 + cfg.decode_batch_size * image_size * image_size * 3 * 2
 
 
 def read_inputs(cfg: PredictConfig):
@@ -485,34 +685,62 @@ def build_pipeline(cfg: PredictConfig, inputs, info):
 
     gpus_per_actor, actors = actor_resources(cfg)
     inputs.context.raise_original_map_exception = True  # a UserError reaches the CLI as itself
-    return (
-        inputs
-        .map_batches(
+    if cfg.tile:  # a scene becomes rows of tiles, so its tiles spread over every segmenter actor
+        images = inputs.map_batches(
+            split_tiles,
+            batch_size=1,
+            batch_format="numpy",
+            fn_kwargs={
+                "tile": cfg.tile, "overlap": cfg.overlap, "max_pixels": cfg.max_pixels,
+                "keep_bytes": cfg.overlays, "chunk": cfg.decode_batch_size,
+            },  # fmt: skip
+            memory=scene_task_memory(cfg, info.image_size),
+        )
+    else:
+        images = inputs.map_batches(
             load_images,
             batch_size=cfg.decode_batch_size,
             batch_format="numpy",
-            fn_kwargs={"image_size": info.image_size, "max_pixels": cfg.max_pixels},
+            fn_kwargs={
+                "image_size": info.image_size, "max_pixels": cfg.max_pixels, "resize": cfg.resize,
+                "keep_bytes": cfg.overlays,
+            },  # fmt: skip
             memory=decode_task_memory(cfg, info.image_size),
         )
-        .map_batches(
-            SegmenterPredictor,
-            fn_constructor_kwargs={"cfg": cfg, "on_gpu": gpus_per_actor > 0},
-            batch_size=cfg.batch_size,
+    predicted = images.map_batches(
+        SegmenterPredictor,
+        fn_constructor_kwargs={"cfg": cfg, "on_gpu": gpus_per_actor > 0},
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        num_gpus=gpus_per_actor,
+        num_cpus=cfg.cpus_per_actor,
+        # Two calls in flight per actor: one batch is copied in while the other computes.
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True),
+    )
+    if cfg.tile:
+        from raydeeplab.segmenter import LOW_CONFIDENCE  # keras, loaded by check_predict_config already
+
+        predicted = predicted.map_batches(
+            MaskAssembler,
+            fn_constructor_kwargs={
+                "tile": cfg.tile, "overlap": cfg.overlap, "num_classes": info.num_classes,
+                "low_confidence": LOW_CONFIDENCE, "keep_bytes": cfg.overlays,
+            },  # fmt: skip
+            batch_size=None,
             batch_format="numpy",
-            num_gpus=gpus_per_actor,
-            num_cpus=cfg.cpus_per_actor,
-            # Two calls in flight per actor: one batch is copied in while the other computes.
-            compute=ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
-            ),
+            compute=ray.data.ActorPoolStrategy(size=1),  # every tile of a scene meets its assembler
         )
-        .map_batches(
-            write_outputs,
-            batch_format="numpy",
-            # --masks parquet: one predictions file per ROWS_PER_FILE rows instead of one per block
-            batch_size=None if cfg.masks == "png" else ROWS_PER_FILE,
-            fn_kwargs={"output": cfg.output, "model_id": cfg.model, "num_classes": info.num_classes, "masks": cfg.masks},
-        )
+    # one scene per write task (they are large, and get written in parallel); --masks parquet:
+    # one predictions file per ROWS_PER_FILE photos instead of one per block
+    rows_per_write = 1 if cfg.tile else None if cfg.masks == "png" else ROWS_PER_FILE
+    return predicted.map_batches(
+        write_outputs,
+        batch_format="numpy",
+        batch_size=rows_per_write,
+        fn_kwargs={
+            "output": cfg.output, "model_id": cfg.model, "num_classes": info.num_classes, "masks": cfg.masks,
+            "overlays": cfg.overlays, "max_pixels": cfg.max_pixels,
+        },  # fmt: skip
     )
 
 
@@ -536,6 +764,9 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
         summary.failed += int(failed.sum())
         summary.ok += int((~failed).sum())
         reasons.update(reason_of(error) for error in batch[ERROR][failed])
+        if ASSEMBLY_BYTES in batch and len(batch[ASSEMBLY_BYTES]):
+            summary.assembly_peak_bytes = max(summary.assembly_peak_bytes or 0, int(batch[ASSEMBLY_BYTES].max()))
+            summary.assembler_peak_rss_bytes = max(summary.assembler_peak_rss_bytes or 0, int(batch[ASSEMBLER_RSS].max()))
     summary.inputs = summary.processed + summary.skipped
     summary.errors_by_reason = dict(reasons)
     summary.seconds = time.perf_counter() - started

@@ -10,11 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydeeplab import storage
-from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, PATH, run_predict
+from raydeeplab.batch import CLASS_PIXELS, CONFIDENCE, ERROR, LOW_FRACTION, MASK_PATH, PATH, read_mask, run_predict
 from raydeeplab.cli import main
 from raydeeplab.config import ConfigError, PredictConfig
-from raydeeplab.data.images import decode_mask_png, encode_jpeg
+from raydeeplab.data.images import decode_image, decode_mask_png, encode_jpeg, resize_image, resize_mask
 from tests.corpus import BOMB_LIMIT, photo, write_corpus
+from tests.padding import padded_reference
 
 
 def read_rows(output: str) -> list[dict]:
@@ -76,6 +77,70 @@ def test_bad_inputs_are_recorded_row_by_row_and_the_rest_succeeds(ray_local, tmp
     failures = sum(isinstance(e, str) for e in expectations.values())
     assert (summary.ok, summary.failed) == (len(expectations) - failures, failures)
     assert summary.errors_by_reason == {"empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1}
+
+
+@pytest.fixture(scope="module")
+def confident_model(tiny_model, tmp_path_factory) -> str:
+    """The tiny preset with its classifier scaled x12: top-class probabilities spread over (0.2, 1),
+    so the low-confidence fraction is neither 0 nor 1 (the random preset is below 0.5 everywhere)."""
+    from raydeeplab.presets import load_model, save_model
+
+    model = load_model(tiny_model)
+    model.output_conv.kernel.assign(model.output_conv.kernel * 12.0)
+    path = str(tmp_path_factory.mktemp("models") / "confident")
+    save_model(model, path)
+    return path
+
+
+def keras_hub_probabilities(model, square: np.ndarray) -> np.ndarray:
+    """float64 softmax of the keras-hub model's own output (``training=False``) for one uint8 square."""
+    converter = model.preprocessor.image_converter
+    x = square[None].astype("float32") * np.asarray(converter.scale, "float32") + np.asarray(converter.offset, "float32")
+    logits = np.asarray(model(x, training=False), np.float64)[0]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    return probs / probs.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "pad"])
+def test_confidence_columns_and_resize_policy_match_the_keras_hub_model(ray_local, bucket, confident_model, resize):
+    """Reference per JPEG: the model's softmax over numpy's own stretch (resize_image) or pad
+    (np.pad of the scaled image); confidence = mean top-class probability over the image's part."""
+    from raydeeplab.presets import load_model
+    from raydeeplab.segmenter import LOW_CONFIDENCE, Segmenter
+
+    uris = write_photos(f"{bucket}/in", 3)  # 30x50, 37x53, 44x56: not square, so pad differs from stretch
+    run_predict(config(f"{bucket}/in", f"{bucket}/out", confident_model, resize=resize, masks="both"))
+    rows = {r[PATH]: r for r in read_rows(f"{bucket}/out")}
+    model = load_model(confident_model)
+    segmenter = Segmenter(model, batch_size=4)  # the actors' batch: the same compiled program
+    size = segmenter.image_size
+    lows = []
+    for uri in uris:
+        image = decode_image(storage.read_bytes(uri))
+        height, width = image.shape[:2]
+        row = rows[uri]
+        assert row[ERROR] is None
+        if resize == "stretch":
+            inner, square = (size, size), resize_image(image, size)
+        else:
+            inner = (round(height * size / max(height, width)), round(width * size / max(height, width)))
+            scaled = resize_image(image, inner)
+            square = np.stack([np.pad(scaled[..., c], ((0, size - inner[0]), (0, size - inner[1])), constant_values=m)
+                               for c, m in enumerate((124, 116, 104))], -1)  # fmt: skip
+        probs = keras_hub_probabilities(model, square)[: inner[0], : inner[1]]
+        top = probs.max(-1)
+        assert row[CONFIDENCE] == pytest.approx(top.mean(), abs=1e-3), uri
+        assert row[LOW_FRACTION] == pytest.approx((top < LOW_CONFIDENCE).mean(), abs=0.01), uri
+        lows.append(row[LOW_FRACTION])
+        mask = read_mask(row)
+        assert mask.shape == (height, width)
+        # the keras-hub argmax, brought back by hand; only float-rounding ties may differ
+        assert (mask == resize_mask(np.argmax(probs, -1).astype(np.uint8), height, width)).mean() > 0.99
+        if resize == "pad":
+            reference, confidence = padded_reference(segmenter, image)
+            np.testing.assert_array_equal(mask, reference)
+            assert row[CONFIDENCE] == pytest.approx(confidence, abs=1e-6)
+    assert any(0.02 < low < 0.98 for low in lows), lows  # the fraction column is exercised, not constant
 
 
 def test_padding_does_not_change_masks(ray_local, tmp_path, tiny_model):
