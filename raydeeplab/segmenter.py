@@ -104,8 +104,7 @@ def augmented_probabilities(segmenter: keras.Model, x, tta: TestTimeAugmentation
     multiple of 32 and their probabilities back to ``x``'s size."""
     size = x.shape[1]
     total = None
-    for scale in tta.scales:
-        side = max(32, round(size * scale / 32) * 32)
+    for side in tta.sides(size):
         view = x if side == size else keras.ops.image.resize(x, (side, side), interpolation="bilinear")
         for flipped in (False, True) if tta.flip else (False,):
             probs = probabilities(segmenter, class_scores(segmenter, keras.ops.flip(view, 2) if flipped else view))

@@ -26,6 +26,18 @@ class TestTimeAugmentation:
         """Forward passes per image: the cost, in device time, of this setting."""
         return len(self.scales) * (2 if self.flip else 1)
 
+    def sides(self, size: int) -> tuple[int, ...]:
+        """The input side of each scale for a ``size``-pixel model: a multiple of 32, which
+        DeepLabV3+'s stride-32 features need. Scales that meet at one side are refused: they
+        would cost a pass and add nothing (0.75 and 1.25 of a 64 px model are both 64)."""
+        sides = tuple(max(32, round(size * scale / 32) * 32) for scale in self.scales)
+        if len(set(sides)) < len(sides):
+            raise ValueError(
+                f"--tta: scales {', '.join(map(str, self.scales))} give inputs of {', '.join(map(str, sides))} px "
+                f"for this {size} px model (multiples of 32); pick scales further apart"
+            )
+        return sides
+
     @classmethod
     def parse(cls, text: str | None) -> TestTimeAugmentation:
         """``None``/``"none"`` -> no augmentation; ``"flip"``; ``"scales=0.75,1,1.25"``; both,

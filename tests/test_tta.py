@@ -60,3 +60,10 @@ def test_flip_tta_is_mirror_equivariant(tiny_model):
     masks = segmenter.predict(IMAGES)
     mirrored = segmenter.predict(np.ascontiguousarray(IMAGES[:, :, ::-1]))
     assert (mirrored[:, :, ::-1] == masks).mean() > 0.999
+
+
+def test_scales_that_meet_at_one_input_side_are_refused():
+    tta = TestTimeAugmentation.parse("scales=0.75,1,1.25")
+    assert tta.sides(512) == (384, 512, 640)
+    with pytest.raises(ValueError, match="give inputs of 64, 64, 64 px for this 64 px model"):
+        tta.sides(64)
