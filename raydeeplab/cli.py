@@ -71,8 +71,16 @@ def config_from_args(cls: type[Config], args: argparse.Namespace):
     return load_config(cls, args.config, overrides)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's own refusals (an unknown flag, a value outside a flag's choices) as one line
+    and exit 2, like every other user error; the verb's ``--help`` has the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydeeplab", description=__doc__)
+    parser = OneLineParser(prog="raydeeplab", description=__doc__)
     parser.add_argument("--address", help="Ray address (default: local Ray, or RAY_ADDRESS)")
     parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     # `-v` after the verb too; SUPPRESS keeps a verb's parser from resetting the top-level value
@@ -280,8 +288,8 @@ def root_cause(err: BaseException) -> BaseException:
     adds an empty ``SystemException`` as the cause."""
     found, seen = err, set()
     while isinstance(err, BaseException) and id(err) not in seen:
-        if isinstance(err, UserError):
-            return err
+        if isinstance(err, UserError):  # Ray's RayTaskError(UserError) prints as the worker's traceback
+            return err.cause if isinstance(getattr(err, "cause", None), UserError) else err
         seen.add(id(err))
         found = err if str(err).strip() else found
         cause = getattr(err, "cause", None)  # RayTaskError: the task's own exception

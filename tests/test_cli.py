@@ -39,6 +39,17 @@ def succeeded(run: subprocess.CompletedProcess) -> list[str]:
     return run.stdout.splitlines()
 
 
+@pytest.mark.parametrize(
+    "argv, words",
+    [(["predict", "--bogus", "1"], "unrecognized arguments: --bogus 1"),
+     (["model", "export", "--model", "tiny", "--format", "tflite", "--output", "x"], "invalid choice: 'tflite'"),
+     (["evaluate", "--protocol", "coco"], "invalid choice: 'coco'")],
+)  # fmt: skip
+def test_argparse_refusals_are_one_line_and_exit_2(tmp_path, argv, words):
+    run = raydeeplab(tmp_path, *argv, timeout=60)
+    assert run.returncode == 2 and len(run.stdout.splitlines()) == 1 and words in run.stdout, run.stdout
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"]])
 def test_help_answers_in_under_2_seconds_without_importing_a_framework(argv):
     seconds = []
