@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from raydeeplab import storage
-from raydeeplab.batch import ERROR, IMAGE, MASK, SegmenterPredictor
+from raydeeplab.batch import BOX, ERROR, IMAGE, MASK, SegmenterPredictor
 from raydeeplab.config import ConfigError, EvaluateConfig
 from raydeeplab.data import voc
 from raydeeplab.data.examples import load_example, validate_pairs
@@ -28,7 +28,7 @@ from raydeeplab.data.images import IGNORE_LABEL, fit_image, resize_mask, restore
 from raydeeplab.metrics import ConfusionMatrix
 from raydeeplab.report import write_eval_report
 
-TRUTH, BOX, MATRIX = "truth", "box", "matrix"
+TRUTH, MATRIX = "truth", "matrix"
 
 
 def scored_truth(mask: np.ndarray, box: np.ndarray, protocol: str) -> np.ndarray:
