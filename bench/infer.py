@@ -2,6 +2,8 @@
 
     python bench/infer.py --images 300                    # CPU: tiny model, 128 px, batch 16
     python bench/infer.py --images 2000                   # GPU: R50 DeepLabV3+, 512 px, bf16, batch 64
+    python bench/infer.py --images 64 --tile 128          # CPU, plus the tiled case (tiny: 128 px tiles)
+    python bench/infer.py --images 2000 --tile 512        # GPU, plus 4 scenes of 7,232 x 7,232 px
 
 One run, one local Ray cluster, one machine:
 
@@ -13,6 +15,11 @@ One run, one local Ray cluster, one machine:
 2. ``raydeeplab.batch.run_predict`` over ``--images`` VOC-sized JPEGs (cached in ``--corpus``),
    twice: with an empty compilation cache (cold) and again with it filled (warm); then once
    more over the same JPEGs packed into Parquet shards (``--image-column``, warm cache);
+   With ``--tile S``, also ``--scenes`` JPEG scenes of ``--scene-tiles``^2 tiles each (mosaics of
+   the corpus photos) with ``--tile S --overlap V``; its ceiling is the tile program's
+   (``build_tile_model``: argmax, confidence sums and float16 band cells) in tiles/s, and its
+   steady state is the tiles of the scenes committed after the first / seconds from the first
+   scene's part to the last (a part is one scene);
 3. steady state = images committed after the k-th Parquet part / seconds from that part to
    the last one, k = calls in flight over all actors (they start together once the model is
    ready, so their work is start-up). A part is written by a ``write_outputs`` task after its
@@ -67,8 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long each ceiling is timed")
     parser.add_argument("--corpus", default=os.path.join(DEFAULT_CACHE, "jpegs"), help="JPEG cache folder")
     parser.add_argument("--address", default="local", help="Ray address (default: a new local cluster)")
+    parser.add_argument("--tile", type=int, help="also the tiled case: tiles of this size (the model's input size)")
+    parser.add_argument("--overlap", type=int, help="--tile: overlap in pixels (default: tile / 8)")
+    parser.add_argument("--scenes", type=int, default=4, help="--tile: large scenes through the pipeline")
+    parser.add_argument("--scene-tiles", type=int, default=16, help="--tile: tiles along each side of a scene")
     args = parser.parse_args(argv)
-    check_positive(parser, args, "images", "batch_size", "decode_batch_size", "actors", "num_classes")
+    check_positive(parser, args, "images", "batch_size", "decode_batch_size", "actors", "num_classes", "tile", "scenes", "scene_tiles")
+    if args.tile and args.overlap is None:
+        args.overlap = args.tile // 8
     return args
 
 
@@ -80,9 +93,11 @@ def measure_ceiling(cfg, sample: list[str], seconds: float) -> dict:
     arrays; host seconds per image of the pipeline's CPU stages on ``sample``."""
     import keras
 
-    from raydeeplab.batch import ERROR, IMAGE, MASK, PATH, RELPATH, load_images, write_outputs
+    from raydeeplab.batch import (
+        BOX, CONFIDENCE, ERROR, IMAGE, LOW_FRACTION, MASK, PATH, RELPATH, load_images, write_outputs,
+    )  # fmt: skip
     from raydeeplab.presets import load_model
-    from raydeeplab.segmenter import Segmenter, build_mask_model, compile_inference, to_host
+    from raydeeplab.segmenter import Segmenter, build_mask_model, build_tile_model, compile_inference, to_host
 
     model = load_model(cfg.model, cfg.num_classes, cfg.image_size, cfg.precision)
     segmenter = Segmenter(model, cfg.batch_size)
@@ -97,13 +112,17 @@ def measure_ceiling(cfg, sample: list[str], seconds: float) -> dict:
         "predict": {n: rate(lambda: segmenter.predict(images), cfg.batch_size, seconds, n) for n in IN_FLIGHT},
         "image_size": size,
     }
+    if cfg.tile:  # tiles/s of the program the tiled pipeline's actors run
+        tiles = compile_inference(build_tile_model(model, cfg.batch_size, cfg.overlap))
+        result["tiles"] = max(rate(lambda: block(tiles(*on_device)), cfg.batch_size, seconds, n) for n in IN_FLIGHT)
     batch = {PATH: np.array(sample), RELPATH: np.array([os.path.basename(p) for p in sample])}
     started = time.perf_counter()
     batch = load_images(batch, size, cfg.max_pixels)
     result["decode_s"] = (time.perf_counter() - started) / len(sample)
     if (batch[ERROR] != "").any():
         raise RuntimeError(f"corpus images failed to decode: {set(batch[ERROR])}")
-    batch[MASK] = segmenter.predict(batch.pop(IMAGE))
+    out = segmenter.segment(batch.pop(IMAGE), batch[BOX])
+    batch.update({MASK: out.masks, CONFIDENCE: out.confidence, LOW_FRACTION: out.low_confidence_fraction})
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         write_outputs(batch, out, cfg.model, segmenter.num_classes)
@@ -174,6 +193,21 @@ def write_shards(paths: list[str], folder: str, rows_per_shard: int = 64) -> str
     return os.path.join(folder, "part-*.parquet")
 
 
+def write_scenes(paths: list[str], folder: str, count: int, side: int) -> None:
+    """``count`` JPEG scenes of ``side`` x ``side`` px, mosaics of the corpus photos (real image
+    content, so the model's work is typical)."""
+    from PIL import Image
+
+    os.makedirs(folder)
+    photos = [np.asarray(Image.open(p).convert("RGB")) for p in paths[:16]]
+    for n in range(count):
+        scene = np.zeros((side, side, 3), np.uint8)
+        for k, (y, x) in enumerate((y, x) for y in range(0, side, 256) for x in range(0, side, 256)):
+            piece = photos[(k + n) % len(photos)][: side - y, : side - x][:256, :256]
+            scene[y : y + piece.shape[0], x : x + piece.shape[1]] = piece
+        Image.fromarray(scene).save(os.path.join(folder, f"scene_{n:03d}.jpg"), quality=90)
+
+
 def measure_pipeline(cfg, in_flight: int) -> dict:
     """One ``run_predict``; ``in_flight`` tasks start together when the actors are ready, so
     the steady window opens at the ``in_flight``-th commit (earlier work is start-up)."""
@@ -239,14 +273,29 @@ def main(argv: list[str] | None = None) -> int:
             cfg.model_copy(update={"input": shards, "image_column": "jpeg", "id_column": "key", "output": os.path.join(work, "sharded")}),
             in_flight,
         )
+        tiled = measure_tiled(args, cfg, paths, work) if args.tile else None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ray.shutdown()  # flush the workers' log lines before the report
-    report(args, cfg, gpus, actors, cores, ceiling, cold, warm, sharded)
+    report(args, cfg, gpus, actors, cores, ceiling, cold, warm, sharded, tiled)
     return 0
 
 
-def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict, sharded: dict) -> None:
+def measure_tiled(args, cfg, paths: list[str], work: str) -> dict:
+    """The scenes through ``--tile``: one part per scene, so the steady window opens at the first
+    scene's part (its tiles include the start-up) and is counted in tiles."""
+    side = args.scene_tiles * (args.tile - args.overlap) + args.overlap
+    write_scenes(paths, os.path.join(work, "scenes"), args.scenes, side)
+    tiled_cfg = cfg.model_copy(
+        update={"input": os.path.join(work, "scenes"), "output": os.path.join(work, "tiled"), "tile": args.tile, "overlap": args.overlap}
+    )
+    run = measure_pipeline(tiled_cfg, 1)
+    return {**run, "steady": run["steady"] * args.scene_tiles**2, "side": side}
+
+
+def report(
+    args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict, sharded: dict, tiled: dict | None
+) -> None:
     scale = actors if gpus else 1  # each actor owns a GPU; CPU actors share the same cores
     device = {n: r * scale for n, r in ceiling["device"].items()}
     predict = {n: r * scale for n, r in ceiling["predict"].items()}
@@ -280,6 +329,15 @@ def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: d
         f"steady/ceiling incl. host {warm['steady'] / with_host:.2f}; first mask {warm['first_mask_s']:.1f}s "
         f"after actor start with a warm cache (target <= {TARGET_FIRST_MASK_S:.0f}s), {cold['first_mask_s']:.1f}s cold"
     )
+    extra = {}
+    if tiled:
+        tile_ceiling = ceiling["tiles"] * scale
+        extra = {"tiles_ceiling": tile_ceiling, "tiles": tiled["steady"], "tiles_ratio": tiled["steady"] / tile_ceiling}
+        print(
+            f"tiled: {args.scenes} scenes of {tiled['side']} x {tiled['side']} px, {args.scene_tiles ** 2} tiles of "
+            f"{args.tile} px (overlap {args.overlap}) each: steady {tiled['steady']:.1f} tiles/s vs tile-program "
+            f"ceiling {tile_ceiling:.1f} -> ratio {extra['tiles_ratio']:.2f}; total {tiled['total_s']:.1f}s"
+        )
     print(
         result_line(
             ceiling=best,
@@ -291,6 +349,7 @@ def report(args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: d
             first_mask_cold_s=cold["first_mask_s"],
             shards=sharded["steady"],
             shards_ratio=sharded["steady"] / best,
+            **extra,
         )
     )
 

@@ -1,6 +1,8 @@
 """Ray role: batch inference. A streaming Ray Data pipeline over the core:
 
     list inputs -> load_images (CPU) -> SegmenterPredictor (GPU actors) -> write_outputs (CPU)
+    --tile:  list -> split_tiles (CPU: a row per tile) -> SegmenterPredictor -> MaskAssembler
+             (one actor: a scene's mask from its tiles) -> write_outputs
 
 Inputs: a folder or prefix of images (listed by parallel Ray tasks, one per subfolder, so the
 driver never holds the names), a manifest of URIs, or Parquet shards of encoded image bytes
@@ -728,6 +730,9 @@ def build_pipeline(cfg: PredictConfig, inputs, info):
             },  # fmt: skip
             batch_size=None,
             batch_format="numpy",
+            # numpy on band cells, mostly idle: holding a CPU slot would leave a 2-CPU node (one for
+            # the segmenter, one for this) none for decoding and writing, and the job would hang
+            num_cpus=0,
             compute=ray.data.ActorPoolStrategy(size=1),  # every tile of a scene meets its assembler
         )
     # one scene per write task (they are large, and get written in parallel); --masks parquet:
