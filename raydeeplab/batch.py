@@ -363,7 +363,7 @@ class SegmenterPredictor:
     reaches the CLI as a UserError (exit 2).
     """
 
-    def __init__(self, cfg: ActorOptions, on_gpu: bool):
+    def __init__(self, cfg: ActorOptions, on_gpu: bool, overlap: int | None = None):
         from raydeeplab.presets import load_model
         from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 
@@ -378,7 +378,7 @@ class SegmenterPredictor:
             self.load_error = err
             return
         self.segmenter = Segmenter(model, cfg.batch_size, TestTimeAugmentation.parse(cfg.tta))
-        self.overlap = cfg.overlap if cfg.tile else None  # None: whole images, not tiles
+        self.overlap = overlap  # tiles of --overlap (predict --tile); None: whole images
         self.segmenter.warmup(self.overlap)
         logger.info("segmenter ready in %.1fs", time.perf_counter() - started)
 
@@ -711,7 +711,7 @@ def build_pipeline(cfg: PredictConfig, inputs, info):
         )
     predicted = images.map_batches(
         SegmenterPredictor,
-        fn_constructor_kwargs={"cfg": cfg, "on_gpu": gpus_per_actor > 0},
+        fn_constructor_kwargs={"cfg": cfg, "on_gpu": gpus_per_actor > 0, "overlap": cfg.overlap if cfg.tile else None},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         num_gpus=gpus_per_actor,
