@@ -259,7 +259,12 @@ def is_transient(err: BaseException) -> bool:
 
 
 class StorageError(UserError):
-    """A folder or bucket that cannot be reached, read or written; says which and what to do."""
+    """A folder or bucket that cannot be reached, read or written; says which and what to do.
+    Raised in a Ray Data task, it gets Ray's retry advice appended on new lines: the message is
+    the first line."""
+
+    def __str__(self) -> str:
+        return super().__str__().split("\n", 1)[0]
 
 
 CREDENTIALS_REFUSED = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
