@@ -78,6 +78,7 @@ def client(server):
         yield c
 
 
+@pytest.mark.large  # a Serve app under load: minutes on 2 cores (pytest -m large)
 def test_a_burst_gets_fast_503s_with_retry_after_and_memory_stays_flat(server, client):
     body = gradient_png(BURST_SIDE)
     assert post(client, body)[0].status_code == 200  # warm: the first request pays for nothing else
@@ -105,6 +106,7 @@ def test_a_burst_gets_fast_503s_with_retry_after_and_memory_stays_flat(server, c
     assert rss_after - rss_before < 256, "a bounded queue keeps the replica's memory bounded"
 
 
+@pytest.mark.large  # a Serve app under load: minutes on 2 cores (pytest -m large)
 def test_a_request_past_the_deadline_gets_504_then_the_service_answers(client):
     response, seconds = post(client, gradient_png(SLOW_SIDE), "overlay")
     print(f"\n{SLOW_SIDE}x{SLOW_SIDE} overlay: {response.status_code} after {seconds:.1f} s (deadline {DEADLINE_S:g} s)")

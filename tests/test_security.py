@@ -486,6 +486,7 @@ def test_train_and_evaluate_refuse_bombs_naming_each_file(tmp_path, tiny_model):
 # ---------------------------------------------------------------- soak (item 5)
 
 
+@pytest.mark.large  # 60 s of steady load (pytest -m large)
 def test_soak_steady_load_keeps_replica_memory_and_handles_flat(served):
     """``SOAK_CLIENTS`` clients in a loop for ``SOAK_S`` seconds on loopback."""
     images = [encode_jpeg(photo(40 + 8 * i, 60 + 4 * i)) for i in range(8)]

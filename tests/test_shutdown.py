@@ -15,6 +15,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -87,6 +88,7 @@ def port_is_free(port: int) -> bool:
         return True
 
 
+@pytest.mark.large  # a CLI run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
 def test_sigterm_drains_in_flight_requests_then_serve_exits_0(tmp_path):
     server = Server(
         tmp_path, "--max-batch-size", "4", "--batch-wait-timeout-s", str(SLOW_S),
@@ -135,6 +137,7 @@ def write_pngs(folder: Path, count: int) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.large  # a CLI run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
 def test_sigterm_stops_predict_with_143_and_whole_files_then_a_rerun_finishes(tmp_path):
     names = write_pngs(tmp_path / "in", 200)
     flags = ["predict", "--input", "in", "--output", "out", "--model", "tiny", "--num-classes", "5",
