@@ -31,6 +31,12 @@ def png(image: np.ndarray) -> bytes:
     return out.getvalue()
 
 
+def jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
 def tiled_reference(model, scene: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     """(mask, mean top-class probability, the first tile's own probabilities) of a float64 blend of
     the keras-hub model's softmax on each tile."""
@@ -120,13 +126,11 @@ def test_scenes_become_tiles_on_the_actors_and_one_seamless_mask_per_scene(bucke
 
         overlay = decode_image(storage.read_bytes(f"{output}/overlays/{key.split('/', 1)[1]}.jpg"))
         assert overlay.shape == scene.shape
-        expected = expected_overlay(scene, mask)
-        # noise is hard on JPEG, and chroma subsampling bleeds colour into small regions: compare the
-        # mean colour of each class covering at least 2% of the scene
-        for c in np.unique(mask):
-            region = mask == c
-            if region.mean() >= 0.02:
-                np.testing.assert_allclose(overlay[region].mean(0), expected[region].mean(0), atol=4)
+        # JPEG's chroma subsampling moves a speckled class's mean colour by up to ~60 levels (measured),
+        # so the numpy blend goes through Pillow's JPEG at the same quality before comparing
+        expected = decode_image(jpeg(expected_overlay(scene, mask).astype(np.uint8)))
+        assert np.abs(overlay.astype(float) - expected).mean() < 1.5, key
+        assert (np.abs(overlay.astype(int) - expected) > 24).mean() < 0.001, key
 
     record = json.loads(storage.read_bytes(f"{output}/_run.json"))
     held, rss = record["assembly_peak_bytes"], record["assembler_peak_rss_bytes"]
