@@ -13,7 +13,7 @@ from raydeeplab import storage
 from raydeeplab.batch import CLASS_PIXELS, CONFIDENCE, ERROR, LOW_FRACTION, MASK_PATH, PATH, read_mask, run_predict
 from raydeeplab.cli import main
 from raydeeplab.config import ConfigError, PredictConfig
-from raydeeplab.data.images import decode_image, decode_mask_png, encode_jpeg, resize_image, resize_mask
+from raydeeplab.data.images import VOC_PALETTE, decode_image, decode_mask_png, encode_jpeg, resize_image, resize_mask
 from tests.corpus import BOMB_LIMIT, photo, write_corpus
 from tests.padding import padded_reference
 
@@ -109,7 +109,7 @@ def test_confidence_columns_and_resize_policy_match_the_keras_hub_model(ray_loca
     from raydeeplab.segmenter import LOW_CONFIDENCE, Segmenter
 
     uris = write_photos(f"{bucket}/in", 3)  # 30x50, 37x53, 44x56: not square, so pad differs from stretch
-    run_predict(config(f"{bucket}/in", f"{bucket}/out", confident_model, resize=resize, masks="both"))
+    run_predict(config(f"{bucket}/in", f"{bucket}/out", confident_model, resize=resize, masks="both", overlays=True))
     rows = {r[PATH]: r for r in read_rows(f"{bucket}/out")}
     model = load_model(confident_model)
     segmenter = Segmenter(model, batch_size=4)  # the actors' batch: the same compiled program
@@ -136,6 +136,11 @@ def test_confidence_columns_and_resize_policy_match_the_keras_hub_model(ray_loca
         assert mask.shape == (height, width)
         # the keras-hub argmax, brought back by hand; only float-rounding ties may differ
         assert (mask == resize_mask(np.argmax(probs, -1).astype(np.uint8), height, width)).mean() > 0.99
+        # --overlays: half source, half palette colour where the class is not background
+        shown = decode_image(storage.read_bytes(uri.replace("/in/", "/out/overlays/") + ".jpg"))
+        expected = np.where(mask[..., None] > 0, 0.5 * image + 0.5 * VOC_PALETTE[mask], image).astype(np.uint8)
+        expected = decode_image(encode_jpeg(expected)).astype(float)  # through JPEG too: chroma bleeds
+        assert shown.shape == image.shape and np.abs(shown - expected).mean() < 1.5, uri
         if resize == "pad":
             reference, confidence = padded_reference(segmenter, image)
             np.testing.assert_array_equal(mask, reference)
