@@ -337,10 +337,14 @@ def tile_batch(rows: list[dict], tile: int, keep_bytes: bool) -> dict[str, np.nd
 
 
 def read_input(uri: str) -> bytes:
-    """Bytes of one input; a missing or unreadable object is an :class:`ImageError`, not a crash."""
+    """Bytes of one input; a missing or unreadable object is an :class:`ImageError`, not a crash.
+    A store that refuses every read (bucket gone, access denied, down past the retries) ends the
+    job with a StorageError instead of failing, and marking done, each input that follows."""
     try:
         return storage.read_bytes(uri)
     except Exception as err:  # FileNotFoundError, PermissionError, botocore errors...
+        if (failure := storage.store_failure(err, "--input", uri, "read")) is not None:
+            raise failure from err
         raise ImageError(f"unreadable: {type(err).__name__}: {err}") from None
 
 
@@ -504,15 +508,18 @@ def write_outputs(
             mask = source_mask(batch, i, height, width)
             png = encode_mask_png(mask)
             counts = np.bincount(mask.ravel(), minlength=num_classes).tolist()
+            target = mask_uri
             try:
                 if objects:
                     storage.write_bytes(mask_uri, png)
                     telemetry.bytes_written(len(png))
                 if overlays:
-                    jpeg = overlay_jpeg(decode_image(batch[BYTES][i], max_pixels), mask)
+                    jpeg, target = overlay_jpeg(decode_image(batch[BYTES][i], max_pixels), mask), overlay_uri
                     storage.write_bytes(overlay_uri, jpeg)
                     telemetry.bytes_written(len(jpeg))
-            except OSError as err:
+            except OSError as err:  # a full, read-only or refusing store ends the job: no row, not done
+                if (failure := storage.store_failure(err, "--output", target, "write")) is not None:
+                    raise failure from err
                 error, mask_uri, counts = f"write failed: {type(err).__name__}: {err}", None, None
         rows[PATH].append(str(uri))
         rows[ERROR].append(error or None)
@@ -529,7 +536,8 @@ def write_outputs(
     digest = hashlib.sha1("\n".join(rows[PATH]).encode()).hexdigest()[:20]
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    storage.write_bytes(storage.join(output, PREDICTIONS_DIR, f"part-{digest}.parquet"), sink.getvalue())
+    with storage.reaching("--output", output, "write"):
+        storage.write_bytes(storage.join(output, PREDICTIONS_DIR, f"part-{digest}.parquet"), sink.getvalue())
     telemetry.bytes_written(sink.tell())
     telemetry.images_processed(sum(e is None for e in rows[ERROR]))
     for error in rows[ERROR]:
@@ -576,6 +584,9 @@ class RunSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     first_output_seconds: float | None = None
+    # segmenter actors Ray restarted after their process died (their batches ran again); None when
+    # the cluster has no dashboard for Ray's state API to ask
+    actor_restarts: int | None = None
     # --tile: the most bytes the assembler held at once (masks of open scenes + open band cells +
     # kept source bytes), and its process's peak RSS (Ray worker included); None without --tile
     assembly_peak_bytes: int | None = None
@@ -594,6 +605,27 @@ class RunSummary:
             f"raydeeplab predict: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
             f"(already done) in {self.seconds:.1f}s, {self.images_per_second:.1f} img/s"
         )
+
+
+def segmenter_restarts() -> int | None:
+    """Restarts so far of this job's :class:`SegmenterPredictor` actors, from Ray's state API (dead
+    actors included); None when it does not answer for this cluster (no dashboard: none of our
+    actors is listed)."""
+    import ray
+    from ray.util.state import list_actors
+
+    context = ray.get_runtime_context()
+    nodes = {node["NodeID"] for node in ray.nodes()}
+    try:
+        actors = list_actors(
+            address=context.gcs_address, filters=[("job_id", "=", context.get_job_id())],
+            detail=True, limit=10_000, raise_on_missing_output=False,  # the API server's most
+        )  # fmt: skip
+    except Exception as err:  # the state API lives in the dashboard, which a cluster may not run
+        logger.info("actor restarts not counted: %s", err)
+        return None
+    ours = [a for a in actors if a.node_id in nodes and SegmenterPredictor.__name__ in (a.repr_name or a.class_name)]
+    return sum(a.num_restarts for a in ours) if ours else None
 
 
 def actor_resources(cfg: ActorOptions) -> tuple[float, int]:
@@ -761,6 +793,7 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
     if len(done):
         todo = todo.map_batches(drop_completed, batch_format="numpy", fn_kwargs={"done": done})
     summary = RunSummary(inputs=0, skipped=len(done))
+    restarts_before = segmenter_restarts() or 0  # earlier runs of this driver (tests, notebooks)
     reasons: collections.Counter = collections.Counter()
     for batch in build_pipeline(cfg, todo, info).iter_batches(batch_size=None, batch_format="numpy"):
         if summary.first_output_seconds is None:
@@ -774,10 +807,13 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
             summary.assembler_peak_rss_bytes = max(summary.assembler_peak_rss_bytes or 0, int(batch[ASSEMBLER_RSS].max()))
     summary.inputs = summary.processed + summary.skipped
     summary.errors_by_reason = dict(reasons)
+    if (restarts := segmenter_restarts()) is not None:
+        summary.actor_restarts = restarts - restarts_before
     summary.seconds = time.perf_counter() - started
     summary.images_per_second = summary.processed / summary.seconds if summary.seconds else 0.0
     record = {**dataclasses.asdict(summary), "model": cfg.model, "arguments": cfg.model_dump()}
-    storage.write_bytes(storage.join(cfg.output, RUN_SUMMARY), json.dumps(record, indent=2).encode())
+    with storage.reaching("--output", cfg.output, "write"):
+        storage.write_bytes(storage.join(cfg.output, RUN_SUMMARY), json.dumps(record, indent=2).encode())
     from raydeeplab.report import write_run_report  # here: report imports this module's column names
 
     write_run_report(cfg.output, info.class_names)
