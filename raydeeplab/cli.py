@@ -54,14 +54,14 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[Config]) -> None
     type, choices and description; flags not given stay None, so YAML values and defaults apply."""
     parser.add_argument("--config", help="YAML file of the same keys (snake_case); flags override it")
     for name, field in cls.model_fields.items():
+        shown = field.default not in (None, ...) and field.default_factory is None and not field.is_required()
+        text = f"{field.description} (default: {field.default})" if shown else field.description
         if field.annotation is bool:  # a switch: --overlays sets it; absent stays None (YAML, default)
-            parser.add_argument(flag(name), action="store_true", default=None, help=field.description)
+            parser.add_argument(flag(name), action="store_true", default=None, help=text)
             continue
         kind = flag_type(field.annotation)
         if kind is None or (field.json_schema_extra or {}).get("flag") is False:
             continue
-        shown = field.default not in (None, ...) and field.default_factory is None and not field.is_required()
-        text = f"{field.description} (default: {field.default})" if shown else field.description
         parser.add_argument(flag(name), type=kind, choices=choices(field.annotation) or None, help=text)
 
 

@@ -166,7 +166,10 @@ def load_config(cls: type[Config], path: str | None, overrides: dict[str, Any]):
             values[key] = value
             where.pop(key, None)
     # a relative default (quickstart's output folder) is as relative as a typed one
-    defaults = {k: f.default for k, f in cls.model_fields.items() if k in PATH_KEYS and k not in values and f.default}
+    defaults = {
+        k: f.default for k, f in cls.model_fields.items()
+        if k in PATH_KEYS and k not in values and not f.is_required() and f.default
+    }  # fmt: skip
     return cls.from_dict(absolute_paths({**defaults, **values}), where=where)
 
 
