@@ -98,6 +98,7 @@ def test_onnx_runtime_gives_segmenters_masks_and_confidence_at_any_batch(exporte
     assert (sidecar["image_size"], len(sidecar["class_names"]), sidecar["file"]) == (64, 5, "model.onnx")
 
 
+@pytest.mark.large  # an end-to-end repeat of what a default test covers; CI time (pytest -m large)
 def test_tensorflow_loads_the_saved_model_with_segmenters_masks(exported, photos, reference):
     import tensorflow as tf
 

@@ -129,6 +129,7 @@ def test_page_overlays_the_mask_and_lists_the_classes_the_api_reports(endpoint, 
     assert np.abs(drawn.astype(int) - expected).max() <= 1
 
 
+@pytest.mark.large  # an end-to-end repeat of what a default test covers; CI time (pytest -m large)
 def test_page_asks_for_the_token_when_the_endpoint_needs_one(endpoint, browser, picture):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

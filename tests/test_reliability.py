@@ -361,6 +361,7 @@ def small_disk(path, size: str):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.large  # a CLI run with its own Ray per fault: minutes (pytest -m large)
 @pytest.mark.parametrize("fault", ["disk full", "read-only"])
 def test_unwritable_output_ends_the_job_and_marks_only_written_masks_done(
     ray_local, tmp_path, tiny_model, capsys, fault

@@ -314,6 +314,7 @@ def exercise_and_search(server: Server) -> dict[str, int]:
     return {"requests": len(answers), "log files": logs, "processes": len(processes), "metrics bytes": len(metrics)}
 
 
+@pytest.mark.large  # a Serve app or a CLI run with its own Ray: minutes (pytest -m large)
 @pytest.mark.parametrize("source", ["env", "file"])
 def test_bearer_token_never_leaks_into_logs_metrics_or_answers(source, tmp_path, tiny_model):
     server = start_server(tmp_path / "serve", tiny_model, source)
@@ -368,6 +369,7 @@ def read_answer(sock: socket.socket, data: bytes) -> bytes:
         data += more
 
 
+@pytest.mark.large  # a Serve app or a CLI run with its own Ray: minutes (pytest -m large)
 def test_oversize_body_gets_413_before_it_is_sent(served):
     """A declared 200 MB body trickled at 1 KB / 50 ms, and a chunked one pushed as fast as the
     socket takes it: 413 arrives after a fraction of the body; replica and proxy stay small."""
@@ -400,6 +402,7 @@ def test_oversize_body_gets_413_before_it_is_sent(served):
 # ---------------------------------------------------------------- bombs in every decoding path
 
 
+@pytest.mark.large  # a Serve app or a CLI run with its own Ray: minutes (pytest -m large)
 def test_served_bombs_are_refused_with_the_reason_and_no_allocation(served):
     replica = served.pid_of("ServeReplica")
     before = proc_status(replica)
@@ -415,6 +418,7 @@ def test_served_bombs_are_refused_with_the_reason_and_no_allocation(served):
     print(f"FIGURE serve bombs: 4 refused, replica peak RSS grew {grew / MiB:.1f} MiB")
 
 
+@pytest.mark.large  # a Serve app or a CLI run with its own Ray: minutes (pytest -m large)
 def test_predict_refuses_bombs_as_rows_and_keeps_the_secret_key_out_of_run_json_and_logs(bucket, tiny_model, tmp_path):
     secret = f"rdl-secret-{uuid.uuid4().hex}"  # moto accepts any key pair
     inputs = {"ok.jpg": corpus()["ok.jpg"][0], "gray.png": corpus()["gray.png"][0],

@@ -77,6 +77,7 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
     assert (again.ok, again.failed) == (0, 0) and len(read_rows(output)) == len(rows)
 
 
+@pytest.mark.large  # an end-to-end repeat of what a default test covers; CI time (pytest -m large)
 def test_cli_local_shards_with_masks_in_parquet_write_a_few_files_not_one_per_image(tmp_path, tiny_model):
     """`--masks parquet`: N images make O(N / rows-per-file) files, counted on disk."""
     sizes = [(30 + 3 * i, 40 + 5 * i) for i in range(40)]
