@@ -307,7 +307,7 @@ def test_cli_serves_with_a_bearer_token_until_interrupted(http_port, tiny_model,
             c.headers["Authorization"] = "Bearer s3cret-token"
             seen["token"] = segment(c, data).status_code
             seen["token, /model"] = c.get("/model").json()["max_batch_size"]
-        raise KeyboardInterrupt  # what Ctrl-C does
+        # returning is what Ctrl-C does: wait_until_interrupted catches it (and SIGTERM) itself
 
     monkeypatch.setattr(raydeeplab.cli, "wait_until_interrupted", while_serving)
     assert run_serve_verb(args) == 0
