@@ -78,7 +78,8 @@ def test_predict_writes_a_report_whose_numbers_are_the_runs(ray_local, bucket, t
     assert "broken.jpg" in text
 
     pictures = images_of(page)
-    assert len(pictures) == 6  # the random sample: 6 of the 7 ok inputs
+    # every predictions row has a confidence now: the 6 least confident, then the 1 ok input left
+    assert len(pictures) == record["ok"] == 7
     assert all(max(p.size) <= 256 and p.mode == "RGB" for p in pictures)
 
     masks = [Image.open(io.BytesIO(storage.read_bytes(uri))) for uri in storage.list_files(f"{out}/masks")]
