@@ -92,8 +92,11 @@ def test_predict_writes_a_report_whose_numbers_are_the_runs(ray_local, bucket, t
     shares = {a["data-class"]: json.loads(a["data-area"]) for a in page.having("data-area")}
     np.testing.assert_allclose([shares[f"class_{i}"] for i in range(CLASSES)], counts / counts.sum())
     done = [int(p["data-rows"]) for p in page.having("data-rows")]  # throughput: one point per part
-    assert len(done) == len(storage.list_files(f"{out}/predictions")) >= 2
-    assert done == sorted(done) and done[-1] == 8  # cumulative, every input counted once
+    parts = storage.list_files(f"{out}/predictions")  # Ray Data decides how many blocks are written
+    if len(parts) > 1:
+        assert len(done) == len(parts) and done == sorted(done) and done[-1] == 8  # cumulative, each once
+    else:
+        assert not done and "one output part: nothing to plot over time" in text
 
 
 def test_lowest_confidence_rows_are_shown_first_when_the_table_has_confidence(tmp_path):
