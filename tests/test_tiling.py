@@ -79,12 +79,24 @@ def segmenter(tiny_model):
     return Segmenter(load_model(tiny_model), batch_size=4)
 
 
+def split_pattern(segmenter, side: int) -> np.ndarray:
+    """A noise pattern that this session's random tiny model splits into two classes (for some
+    seeds it predicts one class everywhere, and a misplaced tile would not show)."""
+    size = segmenter.image_size
+    for seed in range(3, 53):
+        pattern = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+        probe = np.tile(pattern, (2, 2, 1))[None, :size, :size]
+        if np.sort(np.bincount(segmenter.predict(probe).ravel()))[-2:][0] > 0.1 * size * size:
+            return pattern
+    pytest.fail("none of 50 noise patterns gives the tiny model two classes")
+
+
 def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_seams(segmenter):
     """Reference: the keras-hub model itself (``training=False``) on each tile, softmax and blend in
     float64 numpy. The scene repeats one tile-sized pattern, so every tile centre must also equal
     the pattern's own mask: a misplaced or seamed tile shows."""
     size, overlap = segmenter.image_size, 16
-    pattern = np.random.default_rng(3).integers(0, 256, (size - overlap, size - overlap, 3), dtype=np.uint8)
+    pattern = split_pattern(segmenter, size - overlap)
     scene = np.tile(pattern, (4, 5, 1))[:170, :230]
     grid = TileGrid(*scene.shape[:2], size, overlap)
     tiles = np.stack([grid.crop(scene, i) for i in range(len(grid))])
