@@ -22,11 +22,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from raydeeplab import storage
-from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, PATH, PREDICTIONS_DIR, RUN_SUMMARY, reason_of
+from raydeeplab.batch import CLASS_PIXELS, CONFIDENCE, ERROR, MASK_PATH, PATH, PREDICTIONS_DIR, RUN_SUMMARY, reason_of
 from raydeeplab.data.images import VOC_PALETTE, ImageError, decode_image, decode_mask_png, encode_jpeg, overlay
 
 REPORT = "report.html"
-CONFIDENCE = "confidence"  # optional predictions column (mean top-class probability): lowest first
 RANDOM_SAMPLES, LOWEST_SAMPLES = 6, 6
 THUMBNAIL = 256  # px, longest side of an embedded overlay: keeps a report a few hundred KB
 EXAMPLE_PATHS = 3  # failed inputs listed per reason
