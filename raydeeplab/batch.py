@@ -675,15 +675,17 @@ def read_inputs(cfg: PredictConfig):
             shard_rows, batch_format="numpy",
             fn_kwargs={"image_column": cfg.image_column, "id_column": cfg.id_column, "scheme": scheme},
         ).repartition(target_num_rows_per_block=cfg.decode_batch_size)  # fmt: skip
-        # a shard is one block of thousands of rows: cut, so decoding spreads over tasks and the
-        # first masks do not wait for a whole shard to be decoded by one task
+        # a shard, like a listed folder below, is one block of thousands of rows: cut, so decoding
+        # spreads over tasks and the first masks do not wait for one task to decode it all
     if is_manifest(cfg.input):
         items = [{PATH: uri, RELPATH: rel} for uri, rel in manifest_inputs(cfg.input)]
         return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.decode_batch_size + 1, 10_000)))
     root = storage.normalize(cfg.input)
     units = [{"unit": unit, "recursive": recursive} for unit, recursive in listing_units(root)]
-    return ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
-        list_unit, batch_size=1, batch_format="numpy", fn_kwargs={"root": root}
+    return (
+        ray.data.from_items(units, override_num_blocks=len(units))
+        .map_batches(list_unit, batch_size=1, batch_format="numpy", fn_kwargs={"root": root})
+        .repartition(target_num_rows_per_block=cfg.decode_batch_size)
     )
 
 

@@ -79,16 +79,20 @@ def segmenter(tiny_model):
     return Segmenter(load_model(tiny_model), batch_size=4)
 
 
-def split_pattern(segmenter, side: int) -> np.ndarray:
-    """A noise pattern that this session's random tiny model splits into two classes (for some
-    seeds it predicts one class everywhere, and a misplaced tile would not show)."""
-    size = segmenter.image_size
-    for seed in range(3, 53):
-        pattern = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
-        probe = np.tile(pattern, (2, 2, 1))[None, :size, :size]
-        if np.sort(np.bincount(segmenter.predict(probe).ravel()))[-2:][0] > 0.1 * size * size:
+def split_pattern(mask_of, side: int) -> np.ndarray:
+    """A ``side`` x ``side`` pattern on which ``mask_of(pattern)`` (a class map) has a second class
+    over 10% of its pixels: the tiny model is random, and where it predicts one class everywhere a
+    misplaced or seamed tile would not show. Coarse colour blocks with noise on top: over 8 random
+    models, plain noise found none for 2 of them in 50 tries, these found one for all 8."""
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        blocks = int(rng.integers(2, 6))
+        coarse = np.repeat(np.repeat(rng.integers(0, 256, (blocks, blocks, 3)), -(-side // blocks), 0), -(-side // blocks), 1)
+        pattern = np.clip(coarse[:side, :side] + rng.integers(-40, 41, (side, side, 3)), 0, 255).astype(np.uint8)
+        mask = mask_of(pattern)
+        if np.sort(np.bincount(mask.ravel()))[-2:][0] > 0.1 * mask.size:
             return pattern
-    pytest.fail("none of 50 noise patterns gives the tiny model two classes")
+    pytest.fail("none of 100 patterns gives the tiny model two classes")
 
 
 def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_seams(segmenter):
@@ -96,7 +100,7 @@ def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_s
     float64 numpy. The scene repeats one tile-sized pattern, so every tile centre must also equal
     the pattern's own mask: a misplaced or seamed tile shows."""
     size, overlap = segmenter.image_size, 16
-    pattern = split_pattern(segmenter, size - overlap)
+    pattern = split_pattern(lambda p: segmenter.predict(np.tile(p, (2, 2, 1))[None, :size, :size]), size - overlap)
     scene = np.tile(pattern, (4, 5, 1))[:170, :230]
     grid = TileGrid(*scene.shape[:2], size, overlap)
     tiles = np.stack([grid.crop(scene, i) for i in range(len(grid))])
