@@ -129,6 +129,34 @@ def test_page_overlays_the_mask_and_lists_the_classes_the_api_reports(endpoint, 
     assert np.abs(drawn.astype(int) - expected).max() <= 1
 
 
+def test_a_predict_report_opens_from_disk_with_every_image_and_chart_drawn(ray_local, tiny_model, browser, artifacts, tmp_path):
+    """``report.html`` as a person opens it: a file:// page, no server. The browser must decode
+    every embedded image and lay out every chart (tests/test_report.py checks the numbers)."""
+    from selenium.webdriver.common.by import By
+
+    from raydeeplab.batch import run_predict
+    from raydeeplab.config import PredictConfig
+
+    from raydeeplab.data.synthetic import make_shapes_dataset
+
+    make_shapes_dataset(str(tmp_path / "voc"), 10, photos=True)  # shapes drawn over real photos
+    folder = tmp_path / "voc" / "JPEGImages"
+    (folder / "truncated.png").write_bytes(png(blocky(0, 64, 64))[:200])
+    out = tmp_path / "run"
+    run_predict(PredictConfig(input=str(folder), output=str(out), model=tiny_model, batch_size=4, decode_batch_size=2))
+
+    browser.set_window_size(1100, 1400)
+    browser.get((out / "report.html").as_uri())
+    pictures = browser.find_elements(By.TAG_NAME, "img")
+    assert len(pictures) == 10
+    drawn = browser.execute_script("return [...document.images].map(i => i.complete && i.naturalWidth > 0)")
+    assert all(drawn), drawn
+    charts = {c.get_attribute("id"): c.size for c in browser.find_elements(By.TAG_NAME, "svg")}
+    assert "area" in charts and all(size["width"] > 0 and size["height"] > 0 for size in charts.values()), charts
+    assert "truncated.png" in browser.find_element(By.TAG_NAME, "body").text  # the failure, with its path
+    browser.save_screenshot(os.path.join(artifacts, "report_predict.png"))
+
+
 @pytest.mark.large  # an end-to-end repeat of what a default test covers; CI time (pytest -m large)
 def test_page_asks_for_the_token_when_the_endpoint_needs_one(endpoint, browser, picture):
     from selenium.webdriver.common.by import By
