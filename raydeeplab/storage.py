@@ -119,12 +119,12 @@ def is_inside(uri: str, root: str) -> bool:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    return retrying(lambda: fs.exists(path), uri)
 
 
 def isdir(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.isdir(path)
+    return retrying(lambda: fs.isdir(path), uri)
 
 
 def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str]:
@@ -174,7 +174,7 @@ def write_bytes(uri: str, data: bytes) -> None:
 def remove(uri: str) -> None:
     """Delete a file or a whole folder (recursively)."""
     fs, path = filesystem(uri)
-    fs.rm(path, recursive=True)
+    retrying(lambda: fs.rm(path, recursive=True), uri)
 
 
 def download_dir(uri: str, local_dir: str) -> str:

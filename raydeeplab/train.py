@@ -398,11 +398,11 @@ def epoch_progress(cfg: TrainConfig, every_s: float = PROGRESS_EVERY_S, poll_s: 
     def watch() -> None:
         last = time.monotonic()
         while not stop.wait(poll_s):
-            new = sorted(reported() - seen) if time.monotonic() - last >= every_s else []
             try:  # checkpoint folders sort by time: the last one is the newest epoch
+                new = sorted(reported() - seen) if time.monotonic() - last >= every_s else []
                 metrics = json.loads(storage.read_bytes(new[-1])) if new else None
             except (OSError, ValueError):
-                continue  # still uploading: the next poll reads it whole
+                continue  # still uploading, or the store is away: the next poll tries again
             if metrics:
                 seen.update(new)
                 last = time.monotonic()
@@ -437,15 +437,17 @@ def run_train(cfg: TrainConfig, pairs: tuple[list[voc.ExampleURIs], list[voc.Exa
         storage.remove(marker)
     with epoch_progress(cfg):
         result = build_trainer(cfg, train_pairs, val_pairs).fit()
-    if result.checkpoint:  # also after a failure: the epochs trained so far stay loadable
-        export_checkpoint(result.get_best_checkpoint(SCORE, "max"), storage.join(cfg.output, BEST))
-        export_checkpoint(result.checkpoint, storage.join(cfg.output, LAST))
-    if storage.exists(marker):
-        raise UserError(storage.read_bytes(marker).decode())
+    with storage.reaching("--output", cfg.output, "write"):  # a store gone for good: one line
+        if result.checkpoint:  # also after a failure: the epochs trained so far stay loadable
+            export_checkpoint(result.get_best_checkpoint(SCORE, "max"), storage.join(cfg.output, BEST))
+            export_checkpoint(result.checkpoint, storage.join(cfg.output, LAST))
+        if storage.exists(marker):
+            raise UserError(storage.read_bytes(marker).decode())
     if result.error:
         raise result.error
-    state = json.loads(storage.read_bytes(storage.join(cfg.output, LAST, STATE)))
-    storage.write_bytes(storage.join(cfg.output, METRICS), json.dumps(state, indent=2).encode())
+    with storage.reaching("--output", cfg.output, "write"):
+        state = json.loads(storage.read_bytes(storage.join(cfg.output, LAST, STATE)))
+        storage.write_bytes(storage.join(cfg.output, METRICS), json.dumps(state, indent=2).encode())
     if cfg.gallery:
         from raydeeplab.evaluate import write_gallery
 
