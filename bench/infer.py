@@ -262,9 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     cores = os.cpu_count() or 1
     _, actors = actor_resources(cfg)
     try:
+        tile_fields = {"tile": args.tile, "overlap": args.overlap} if args.tile else {}  # its ceiling too
         ceiling = run_in_fresh_worker(
-            measure_ceiling, 1 if gpus else 0, cfg.cpus_per_actor, cfg, paths[:HOST_SAMPLE], args.seconds
-        )
+            measure_ceiling, 1 if gpus else 0, cfg.cpus_per_actor, cfg.model_copy(update=tile_fields),
+            paths[:HOST_SAMPLE], args.seconds,
+        )  # fmt: skip
         in_flight = max(IN_FLIGHT) * actors
         cold = measure_pipeline(cfg, in_flight)
         warm = measure_pipeline(cfg.model_copy(update={"output": os.path.join(work, "warm")}), in_flight)
