@@ -19,6 +19,8 @@ import uuid
 from typing import Callable, Iterator, TypeVar
 
 import fsspec
+import pyarrow
+import pyarrow.fs
 
 from raydeeplab.errors import UserError, cause_text
 
@@ -197,6 +199,68 @@ def upload_dir(local_dir: str, uri: str) -> None:
             rel = os.path.relpath(src, local_dir).replace(os.sep, "/")
             with open(src, "rb") as f:
                 write_bytes(join(uri, rel), f.read())
+
+
+def pyarrow_filesystem(uri: str) -> pyarrow.fs.PyFileSystem:
+    """A pyarrow filesystem over ``uri``'s store (for Ray Train's checkpoints and run snapshot)
+    whose every call retries like :func:`retrying`: Ray Train's controller ends a run it cannot
+    write its snapshot for, and botocore alone gives up after a second of 503s."""
+    return pyarrow.fs.PyFileSystem(RetryingHandler(filesystem(uri)[0], uri))
+
+
+class RetryingHandler(pyarrow.fs.FSSpecHandler):
+    """fsspec behind pyarrow, each call under :func:`retrying`; writes spool to local disk and
+    upload whole on close (:class:`UploadOnClose`)."""
+
+    UNRETRIED = ("fs", "uri", "get_type_name", "normalize_path", "open_output_stream")
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, uri: str):
+        super().__init__(fs)
+        self.uri = uri
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, RetryingHandler) and self.fs == other.fs
+
+    def __getattribute__(self, name):
+        method = super().__getattribute__(name)
+        if name.startswith("_") or name in RetryingHandler.UNRETRIED or not callable(method):
+            return method
+        uri = super().__getattribute__("uri")
+        return lambda *args: retrying(lambda: method(*args), uri)
+
+    def open_output_stream(self, path, metadata):
+        return pyarrow.PythonFile(UploadOnClose(self.fs, path, self.uri), mode="w")
+
+
+class UploadOnClose:
+    """A writable file spooled to local disk and uploaded whole, with retries, when closed: with
+    s3fs the upload happens on close, which nothing else would retry."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, uri: str):
+        import tempfile
+
+        self.fs, self.path, self.uri = fs, path, uri
+        self.spool = tempfile.NamedTemporaryFile(prefix="raydeeplab-upload-")
+        self.closed = False
+
+    def write(self, data) -> int:
+        return self.spool.write(data)
+
+    def flush(self) -> None:
+        self.spool.flush()
+
+    def tell(self) -> int:
+        return self.spool.tell()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.spool.flush()
+            retrying(lambda: self.fs.put_file(self.spool.name, self.path), self.uri)
+        finally:
+            self.spool.close()
 
 
 def iter_lines(uri: str) -> Iterator[str]:

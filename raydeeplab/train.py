@@ -365,10 +365,8 @@ def ray_storage(output: str):
     """(storage_path, storage_filesystem) for Ray Train's run and checkpoints, under ``OUT/_ray``."""
     if not storage.is_remote(output):
         return storage.join(storage.normalize(output), RAY_FOLDER), None
-    import pyarrow.fs
-
-    fs, path = storage.filesystem(output)
-    return f"{path}/{RAY_FOLDER}", pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    _, path = storage.filesystem(output)
+    return f"{path}/{RAY_FOLDER}", storage.pyarrow_filesystem(output)
 
 
 def export_checkpoint(checkpoint, uri: str) -> None:

@@ -9,16 +9,20 @@ the disk tests, which run ``main()`` on the session cluster.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
+import itertools
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pyarrow.parquet as pq
 import pytest
@@ -81,14 +85,14 @@ class FaultyProxy:
                 return
             threading.Thread(target=self.serve, args=(client,), daemon=True).start()
 
-    def hold_puts(self, marker: bytes, after: int) -> threading.Event:
-        """Mode ``hold``: PUTs whose path holds ``marker`` go through ``after`` times, then are
-        held unanswered, the connection open (a store that hangs mid-upload). Every request then
-        gets a connection of its own (``Connection: close``), so each is seen. Returns an event set
-        once one is held."""
-        self.marker, self.puts_left, self.held = marker, after, threading.Event()
-        self.set_mode("hold")
-        return self.held
+    def by_request(self, rule: Callable[[bytes], str]) -> threading.Event:
+        """Mode ``rule``: each request is ``rule(its first line)``: ``up`` (forwarded), ``hold``
+        (unanswered, the connection open: a store that hangs mid-upload), ``slowdown`` or ``deny``.
+        Every request gets a connection of its own (``Connection: close``), so each is seen.
+        Returns an event set once the rule has said anything but ``up``."""
+        self.rule, self.hit = rule, threading.Event()
+        self.set_mode("rule")
+        return self.hit
 
     def serve(self, client: socket.socket) -> None:
         with self.lock:
@@ -98,18 +102,19 @@ class FaultyProxy:
                 self.answer(client, self.mode)
                 return
             head = b""
-            if self.mode == "hold":
+            if self.mode == "rule":
                 head = read_head(client)
-                line = head.split(b"\r\n", 1)[0]
-                if line.startswith(b"PUT ") and self.marker in line:
-                    with self.lock:
-                        self.puts_left -= 1
-                        hold = self.puts_left < 0
-                    if hold:
-                        self.held.set()
-                        while self.mode == "hold":
-                            time.sleep(0.1)
-                        return
+                with self.lock:
+                    action = self.rule(head.split(b"\r\n", 1)[0])
+                if action != "up":
+                    self.hit.set()
+                if action == "hold":
+                    while self.mode == "rule":
+                        time.sleep(0.1)
+                    return
+                if action in self.ANSWERS:
+                    self.answer(client, action, head)
+                    return
                 head = closing(head)
             upstream = socket.create_connection((HOST, self.upstream_port))
             with self.lock:
@@ -124,9 +129,10 @@ class FaultyProxy:
                 self.connections.discard(client)
             client.close()
 
-    def answer(self, client: socket.socket, mode: str) -> None:
-        """One request's head read, answered with the store's error XML; the connection closed."""
-        if not read_head(client):
+    def answer(self, client: socket.socket, mode: str, head: bytes = b"") -> None:
+        """One request's head read (unless given), answered with the store's error XML; the
+        connection closed."""
+        if not (head or read_head(client)):
             return
         body = b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>%s</Code><Message>injected</Message></Error>" % (
             self.CODES[mode]
@@ -475,10 +481,27 @@ def start_train(cwd, data: str, output: str, endpoint: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def hold_second_checkpoint_after_one_file() -> Callable[[bytes], str]:
+    """A :meth:`FaultyProxy.by_request` rule: the first checkpoint folder's uploads go through;
+    of the second one's, the first file does and the rest hang."""
+    folders: list[bytes] = []
+    puts = collections.Counter()
+
+    def rule(line: bytes) -> str:
+        if not (found := re.match(rb"PUT /\S*/checkpoint_(\d[^/]*)/", line)):
+            return "up"
+        if found[1] not in folders:
+            folders.append(found[1])
+        puts[found[1]] += 1
+        return "hold" if folders.index(found[1]) == 1 and puts[found[1]] > 1 else "up"
+
+    return rule
+
+
 @pytest.mark.large  # a CLI training run with its own Ray: minutes on 2 busy cores
 def test_workers_killed_during_a_checkpoint_upload_resume_from_the_last_complete_checkpoint(own_store, tmp_path):
-    """A preempted node, mid-upload: once epoch 1's checkpoint is registered, the store lets one
-    file of epoch 2's checkpoint through and then hangs on the next; both workers are killed
+    """A preempted node, mid-upload: the store takes epoch 1's checkpoint, lets one file of epoch
+    2's through and then hangs on the next; both workers are killed
     with SIGKILL while that upload waits, and the store comes back. The half-written folder is
     on the store, never registered: the restarted group must resume from epoch 1."""
     from ray.train import Result
@@ -498,8 +521,13 @@ def test_workers_killed_during_a_checkpoint_upload_resume_from_the_last_complete
             return []
 
     def folders() -> set[str]:
-        return {uri.split("/checkpoint_")[1].split("/")[0] for uri in storage.list_files(run_dir) if "/checkpoint_" in uri}
+        """Names of the checkpoint folders on the store, registered or not."""
+        return {found[1] for uri in storage.list_files(run_dir) if (found := re.search(r"/checkpoint_(\d[^/]*)/", uri))}
 
+    def names(checkpoints: list) -> set[str]:
+        return {c.path.rsplit("/checkpoint_", 1)[1] for c, _ in checkpoints}
+
+    held = own_store.by_request(hold_second_checkpoint_after_one_file())
     job = start_train(tmp_path, data, output, own_store.endpoint)
     try:
         deadline = time.monotonic() + JOB_TIMEOUT
@@ -507,8 +535,6 @@ def test_workers_killed_during_a_checkpoint_upload_resume_from_the_last_complete
             assert job.poll() is None, f"training ended before epoch 1 was registered: {job.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.2)
-        complete = folders()
-        held = own_store.hold_puts(b"/checkpoint_", after=1)
         while not held.wait(0.2):
             assert job.poll() is None, f"training ended before epoch 2's upload: {job.communicate()[1][-3000:]}"
             assert time.monotonic() < deadline, "epoch 2's upload never came"
@@ -516,6 +542,7 @@ def test_workers_killed_during_a_checkpoint_upload_resume_from_the_last_complete
         assert len(workers) == 2, workers
         for pid in workers:
             os.kill(pid, signal.SIGKILL)
+        complete = names(registered())
         half_written = folders() - complete
         own_store.set_mode("up")
     finally:
@@ -526,10 +553,43 @@ def test_workers_killed_during_a_checkpoint_upload_resume_from_the_last_complete
     state = json.loads(storage.read_bytes(f"{output}/metrics.json"))
     assert [h["epoch"] for h in state["history"]] == [1, 2, 3]
     assert state["resumed_at_epochs"] == [1]
-    kept = {c.path.rsplit("/checkpoint_", 1)[1] for c, _ in registered()}
-    assert not kept & half_written  # never registered, so never loaded
+    assert not names(registered()) & half_written  # never registered, so never loaded
     print(
         f"\nFIGURE training: both workers killed while epoch 2's checkpoint upload hung after one file "
         f"(folder checkpoint_{next(iter(half_written))} left half-written): resumed at epoch "
         f"{state['resumed_at_epochs'][0]}, finished 3/3 epochs"
+    )
+
+
+SNAPSHOT_OUTAGE_S = 15.0  # past what s3fs + botocore retry alone (the run ended after ~5 s of 503s)
+
+
+@pytest.mark.large  # a CLI training run with its own Ray: minutes on 2 busy cores
+def test_run_snapshot_writes_refused_for_a_while_are_retried_and_training_finishes(own_store, tmp_path):
+    """Ray Train's controller writes the run's snapshot (the list of registered checkpoints) after
+    each checkpoint and ends the run if that write fails; s3fs and botocore retry for a few
+    seconds. Here the store answers 503 SlowDown to every snapshot write for SNAPSHOT_OUTAGE_S
+    from the first one: the run must ride it out and finish."""
+    from raydeeplab.data import synthetic
+
+    data, output = str(tmp_path / "data"), "s3://data/run"
+    synthetic.make_shapes_dataset(data, 24, size=(48, 64), num_classes=4, layout="voc")
+    first: list[float] = []
+
+    def refuse_snapshot_writes_for_a_while(line: bytes) -> str:
+        if not (line.startswith(b"PUT ") and b"/checkpoint_manager_snapshot.json" in line):
+            return "up"
+        first.append(first[0] if first else time.monotonic())
+        return "slowdown" if time.monotonic() - first[0] < SNAPSHOT_OUTAGE_S else "up"
+
+    refused = own_store.by_request(refuse_snapshot_writes_for_a_while)
+    job = start_train(tmp_path, data, output, own_store.endpoint)
+    code, err = finish(job)
+    assert code == 0, err[-3000:]
+    assert refused.is_set() and own_store.failed_requests > 0
+    state = json.loads(storage.read_bytes(f"{output}/metrics.json"))
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3] and not state["resumed_at_epochs"]
+    print(
+        f"\nFIGURE training: run-snapshot writes answered 503 for {SNAPSHOT_OUTAGE_S:.0f} s "
+        f"({own_store.failed_requests} requests): retried, 3/3 epochs, no restart, exit 0"
     )
