@@ -117,6 +117,12 @@ def raise_terminated(signum: int, frame: types.FrameType | None) -> None:
     raise Terminated
 
 
+def sigterm_received() -> bool:
+    """Whether :func:`raise_terminated` ran. Not the exception's type: what reaches ``main`` under
+    ``train`` is a plain ``KeyboardInterrupt`` (Ray Train's ``fit()`` raises its own)."""
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM raises :class:`Terminated`. Called again after ``ray.init``, whose own handler
     kills the local Ray processes at once and exits, so the driver aborted (``Aborted``) on its
@@ -322,9 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         stop_on_sigterm()
         set_up_environment(args.verbose)
         return VERBS[args.verb](args)
-    except Terminated:  # as Ctrl-C, with the shell's code for a SIGTERM (128 + 15)
-        return report(args.verb, "stopped (SIGTERM); outputs written so far are kept", EXIT_TERMINATED)
-    except KeyboardInterrupt:  # Ctrl-C: Ray, if started here, stops with this process
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: Ray, if started here, stops with this process
+        if sigterm_received():  # the shell's code for a SIGTERM (128 + 15)
+            return report(args.verb, "stopped (SIGTERM); outputs written so far are kept", EXIT_TERMINATED)
         return report(args.verb, "interrupted (Ctrl-C); outputs written so far are kept", EXIT_INTERRUPTED)
     except Exception as err:  # one line, not each worker's traceback
         cause = root_cause(err)

@@ -1,8 +1,10 @@
 """What production does to a batch job, on real parts: a segmenter actor killed with SIGKILL, an
 object store that goes away or throttles, one that refuses for good, an output disk that fills up
-or turns read-only; and a training run whose store fails during a checkpoint upload. Each test prints its figure (``pytest -s``); README: Reliability quotes them.
+or turns read-only, a long run (memory, descriptors, temp files); and training whose workers die
+during a checkpoint upload or whose store refuses its run snapshot for a while. Each test prints
+its figure (``pytest -s``); README: Reliability quotes them.
 
-``raydeeplab predict`` runs as a subprocess with its own local Ray cluster, from a temporary folder
+``raydeeplab predict`` (and ``train``) runs as a subprocess with its own local Ray cluster, from a temporary folder
 with relative paths (marked ``large``: ``pytest -m large tests/test_reliability.py``), except for
 the disk tests, which run ``main()`` on the session cluster.
 """
@@ -20,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -202,16 +205,20 @@ def write_inputs(folder: str, count: int) -> list[str]:
     return uris
 
 
-def start_predict(cwd, tiny_model: str, input_uri: str, output: str, endpoint: str) -> subprocess.Popen:
-    """``raydeeplab predict`` with its own local Ray cluster, in its own process group (the
-    cluster's processes too), from ``cwd`` with the model given relative to it."""
-    flags = ["--input", input_uri, "--output", output, "--model", os.path.relpath(tiny_model, cwd),
-             "--batch-size", "4", "--decode-batch-size", "4"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": "", "AWS_ENDPOINT_URL": endpoint}
+def start_cli(cwd, endpoint: str | None, verb: str, *flags: str) -> subprocess.Popen:
+    """``raydeeplab VERB FLAGS`` with its own local Ray cluster, in its own process group (the
+    cluster's processes too), from ``cwd``, reaching S3 at ``endpoint`` (None: local files only)."""
+    env = {**os.environ, "RAY_ADDRESS": "", **({"AWS_ENDPOINT_URL": endpoint} if endpoint else {})}
     return subprocess.Popen(
-        [sys.executable, "-m", "raydeeplab.cli", "--address", "local", "predict", *flags],
+        [sys.executable, "-m", "raydeeplab.cli", "--address", "local", verb, *flags],
         cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def start_predict(cwd, tiny_model: str, input_uri: str, output: str, endpoint: str) -> subprocess.Popen:
+    """``raydeeplab predict`` (:func:`start_cli`) with the model given relative to ``cwd``."""
+    return start_cli(cwd, endpoint, "predict", "--input", input_uri, "--output", output, "--model",
+                     os.path.relpath(tiny_model, cwd), "--batch-size", "4", "--decode-batch-size", "4")  # fmt: skip
 
 
 def finish(job: subprocess.Popen) -> tuple[int, str]:
@@ -323,6 +330,62 @@ def test_killed_segmenter_actor_is_restarted_and_every_input_gets_one_row(bucket
         f"\nFIGURE actor killed after {done_at_kill}/{len(inputs)} rows: {record['actor_restarts']} restart, "
         f"{record['ok']} ok, 0 duplicates, job {record['seconds']:.0f} s, "
         f"{time.monotonic() - killed_at:.0f} s from kill to exit"
+    )
+
+
+# ---------------------------------------------------------------- 5. a long batch job
+
+SOAK_IMAGES = 3000
+
+
+def status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.large  # a CLI run with its own Ray over thousands of images
+def test_a_long_batch_job_keeps_memory_and_handles_flat_and_leaves_no_temp_files(tmp_path, tiny_model):
+    """Resident memory and open descriptors of the driver and the segmenter actor, sampled every
+    0.5 s over 3,000 images, compared between a quarter of the way and the end; new entries in
+    the temp folder after the job (Ray's own session folder aside)."""
+    for i in range(SOAK_IMAGES):
+        path = tmp_path / "in" / f"s{i % 12:02d}" / f"img_{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_jpeg(photo(24 + i % 17, 40 + i % 13)))
+    temp_before = set(os.listdir(tempfile.gettempdir()))
+    job = start_cli(tmp_path, None, "predict", "--input", "in", "--output", "out",
+                    "--model", os.path.relpath(tiny_model, tmp_path), "--batch-size", "16")  # fmt: skip
+    samples = []  # (driver RSS KiB, actor RSS KiB, driver fds, actor fds)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while job.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError, StopIteration):
+                if actors := segmenter_pids(job.pid):
+                    pids = (job.pid, actors[0])
+                    samples.append((*(status_kib(p, "VmRSS:") for p in pids), *(open_files(p) for p in pids)))
+            time.sleep(0.5)
+    finally:
+        code, err = finish(job)
+    assert code == 0, err[-3000:]
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert (record["ok"], record["failed"]) == (SOAK_IMAGES, 0)
+    assert len(samples) >= 20, f"too few samples ({len(samples)}) to compare"
+    quarter, end = samples[len(samples) // 4], samples[-1]
+    for name, index in (("driver", 0), ("actor", 1)):
+        assert end[index] <= 1.2 * quarter[index] + 64 * 1024, (name, quarter[index] // 1024, end[index] // 1024)
+        assert end[index + 2] <= quarter[index + 2] + 8, (name, "descriptors", quarter[index + 2], end[index + 2])
+    new_entries = sorted(set(os.listdir(tempfile.gettempdir())) - temp_before)
+    ours = [name for name in new_entries if name.startswith(("raydeeplab", "tmp")) or name.endswith(".partial")]
+    assert not ours, f"left in the temp folder: {ours}"  # tempfile's and our own names
+    print(
+        f"\nFIGURE batch soak, {SOAK_IMAGES} images in {record['seconds']:.0f} s: RSS a quarter of the way -> end: "
+        f"driver {quarter[0] // 1024} -> {end[0] // 1024} MiB, actor {quarter[1] // 1024} -> {end[1] // 1024} MiB; "
+        f"open descriptors driver {quarter[2]} -> {end[2]}, actor {quarter[3]} -> {end[3]}; 0 temp files of ours "
+        f"left (other new entries in the temp folder: {new_entries})"
     )
 
 
@@ -469,16 +532,12 @@ def turn_read_only_after_some_masks(output: str, make_read_only, masks: int = 8)
 
 
 def start_train(cwd, data: str, output: str, endpoint: str) -> subprocess.Popen:
-    """``raydeeplab train`` (2 workers, 3 epochs) with its own local Ray cluster, like
-    :func:`start_predict`: half a CPU per worker, so both and the data loading fit 2 cores."""
-    flags = ["--data", os.path.relpath(data, cwd), "--output", output, "--model", "tiny", "--num-classes", "4",
-             "--image-size", "64", "--batch-size", "8", "--epochs", "3", "--workers", "2", "--cpus-per-worker", "0.5",
-             "--max-failures", "3", "--gallery", "0"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": "", "AWS_ENDPOINT_URL": endpoint}
-    return subprocess.Popen(
-        [sys.executable, "-m", "raydeeplab.cli", "--address", "local", "train", *flags],
-        cwd=cwd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    """``raydeeplab train`` (:func:`start_cli`; 2 workers, 3 epochs): half a CPU per worker, so
+    both and the data loading fit 2 cores."""
+    return start_cli(cwd, endpoint, "train", "--data", os.path.relpath(data, cwd), "--output", output,
+                     "--model", "tiny", "--num-classes", "4", "--image-size", "64", "--batch-size", "8",
+                     "--epochs", "3", "--workers", "2", "--cpus-per-worker", "0.5", "--max-failures", "3",
+                     "--gallery", "0")  # fmt: skip
 
 
 def hold_second_checkpoint_after_one_file() -> Callable[[bytes], str]:

@@ -5,6 +5,7 @@ stops its Ray work, exits 143 and leaves only whole files, and a rerun does the 
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -178,3 +179,51 @@ def test_sigterm_stops_predict_with_143_and_whole_files_then_a_rerun_finishes(tm
     rows = [path for table in (tmp_path / "out/predictions").glob("*.parquet") for path in pq.read_table(table).column("path").to_pylist()]
     assert sorted(os.path.basename(p) for p in rows) == names  # every input once, none twice
     assert sorted(p.name for p in (tmp_path / "out/masks").glob("*.png")) == sorted(n + ".png" for n in names)
+
+
+@pytest.mark.large  # a CLI training run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
+def test_sigterm_stops_train_with_143_and_the_same_command_resumes_from_its_checkpoint(tmp_path):
+    """SIGTERM once epoch 1 is checkpointed: exit 143 with one line, every Ray process of the run
+    gone, the checkpoint kept; the same command again resumes from it (Ray Train's run snapshot
+    under ``OUT/_ray``) and ends with a loadable ``best/``."""
+    from raydeeplab.data import synthetic
+    from raydeeplab.presets import load_model
+
+    synthetic.make_shapes_dataset(str(tmp_path / "data"), 24, size=(48, 64), num_classes=4, layout="voc")
+    flags = ["train", "--data", "data", "--output", "run", "--model", "tiny", "--num-classes", "4", "--image-size", "64",
+             "--batch-size", "8", "--epochs", "4", "--workers", "2", "--cpus-per-worker", "0.5", "--gallery", "0"]  # fmt: skip
+    ray_tmp = short_tmp()
+    run = subprocess.Popen([SCRIPT, *flags], cwd=tmp_path, env=own_ray_env(ray_tmp), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "run/_ray").rglob("checkpoint_*/metrics.json")):  # epoch 1 is checkpointed
+            assert run.poll() is None, run.stderr.read()
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        run.send_signal(signal.SIGTERM)
+        code = run.wait(timeout=120)
+        stderr = run.stderr.read()
+        time.sleep(2)
+        left = [pid for pid in marked_pids(ray_tmp) if pid != run.pid]
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+        for pid in marked_pids(ray_tmp):
+            os.kill(pid, signal.SIGKILL)
+
+    assert code == 143, stderr
+    assert stderr.splitlines()[-1] == "raydeeplab train: stopped (SIGTERM); outputs written so far are kept", stderr
+    assert "Traceback" not in stderr, stderr
+    assert not left, f"Ray processes left running after the stop: {left}"
+    checkpoints = list((tmp_path / "run/_ray").rglob("checkpoint_*/metrics.json"))
+    assert checkpoints
+
+    rerun = subprocess.run([SCRIPT, *flags], cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    state = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4]
+    assert state["resumed_at_epochs"] and state["resumed_at_epochs"][0] >= 1, state["resumed_at_epochs"]
+    assert load_model(str(tmp_path / "run/best")).count_params() > 0
+    print(f"\nSIGTERM after epoch {state['resumed_at_epochs'][0]}: exit 143, no Ray process left; rerun resumed, 4/4 epochs")
