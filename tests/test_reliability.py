@@ -335,7 +335,7 @@ def test_killed_segmenter_actor_is_restarted_and_every_input_gets_one_row(bucket
 
 # ---------------------------------------------------------------- 5. a long batch job
 
-SOAK_IMAGES = 3000
+SOAK_IMAGES = 6000  # the actor's memory climbs for the first ~13 s (warm-up), then stays level
 
 
 def status_kib(pid: int, field: str) -> int:
@@ -350,8 +350,8 @@ def open_files(pid: int) -> int:
 @pytest.mark.large  # a CLI run with its own Ray over thousands of images
 def test_a_long_batch_job_keeps_memory_and_handles_flat_and_leaves_no_temp_files(tmp_path, tiny_model):
     """Resident memory and open descriptors of the driver and the segmenter actor, sampled every
-    0.5 s over 3,000 images, compared between a quarter of the way and the end; new entries in
-    the temp folder after the job (Ray's own session folder aside)."""
+    0.5 s over 6,000 images, compared between two fifths of the way (past the warm-up) and the
+    end; new entries of ours in the temp folder after the job."""
     for i in range(SOAK_IMAGES):
         path = tmp_path / "in" / f"s{i % 12:02d}" / f"img_{i:04d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,17 +374,17 @@ def test_a_long_batch_job_keeps_memory_and_handles_flat_and_leaves_no_temp_files
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert (record["ok"], record["failed"]) == (SOAK_IMAGES, 0)
     assert len(samples) >= 20, f"too few samples ({len(samples)}) to compare"
-    quarter, end = samples[len(samples) // 4], samples[-1]
+    mid, end = samples[len(samples) * 2 // 5], samples[-1]
     for name, index in (("driver", 0), ("actor", 1)):
-        assert end[index] <= 1.2 * quarter[index] + 64 * 1024, (name, quarter[index] // 1024, end[index] // 1024)
-        assert end[index + 2] <= quarter[index + 2] + 8, (name, "descriptors", quarter[index + 2], end[index + 2])
+        assert end[index] <= 1.1 * mid[index] + 64 * 1024, (name, mid[index] // 1024, end[index] // 1024)
+        assert end[index + 2] <= mid[index + 2] + 8, (name, "descriptors", mid[index + 2], end[index + 2])
     new_entries = sorted(set(os.listdir(tempfile.gettempdir())) - temp_before)
     ours = [name for name in new_entries if name.startswith(("raydeeplab", "tmp")) or name.endswith(".partial")]
     assert not ours, f"left in the temp folder: {ours}"  # tempfile's and our own names
     print(
-        f"\nFIGURE batch soak, {SOAK_IMAGES} images in {record['seconds']:.0f} s: RSS a quarter of the way -> end: "
-        f"driver {quarter[0] // 1024} -> {end[0] // 1024} MiB, actor {quarter[1] // 1024} -> {end[1] // 1024} MiB; "
-        f"open descriptors driver {quarter[2]} -> {end[2]}, actor {quarter[3]} -> {end[3]}; 0 temp files of ours "
+        f"\nFIGURE batch soak, {SOAK_IMAGES} images in {record['seconds']:.0f} s: RSS two fifths of the way -> end: "
+        f"driver {mid[0] // 1024} -> {end[0] // 1024} MiB, actor {mid[1] // 1024} -> {end[1] // 1024} MiB; "
+        f"open descriptors driver {mid[2]} -> {end[2]}, actor {mid[3]} -> {end[3]}; 0 temp files of ours "
         f"left (other new entries in the temp folder: {new_entries})"
     )
 
