@@ -14,7 +14,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import io
-import itertools
 import json
 import os
 import re
