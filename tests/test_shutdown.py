@@ -138,23 +138,23 @@ def write_pngs(folder: Path, count: int) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-@pytest.mark.large  # a CLI run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
-def test_sigterm_stops_predict_with_143_and_whole_files_then_a_rerun_finishes(tmp_path):
-    names = write_pngs(tmp_path / "in", 200)
-    flags = ["predict", "--input", "in", "--output", "out", "--model", "tiny", "--num-classes", "5",
-             "--image-size", "64", "--batch-size", "2", "--decode-batch-size", "2"]  # fmt: skip
+def sigterm_once(cwd: Path, flags: list[str], ready) -> tuple[int, str, list[int]]:
+    """Run the CLI with ``flags`` under its own Ray, SIGTERM it once ``ready()`` is truthy:
+    (exit code, stderr, pids of the run's Ray processes still alive 2 s after it exited)."""
     ray_tmp = short_tmp()
-    run = subprocess.Popen([SCRIPT, *flags], cwd=tmp_path, env=own_ray_env(ray_tmp), stdout=subprocess.DEVNULL,
+    run = subprocess.Popen([SCRIPT, *flags], cwd=cwd, env=own_ray_env(ray_tmp), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     try:
         deadline = time.monotonic() + 300
-        while not list((tmp_path / "out/masks").glob("*.png")):  # mid-way: masks are being written
+        while not ready():
             assert run.poll() is None, run.stderr.read()
-            assert time.monotonic() < deadline, "no output after 300 s"
+            assert time.monotonic() < deadline, "not ready to be stopped after 300 s"
             time.sleep(0.1)
         run.send_signal(signal.SIGTERM)
         code = run.wait(timeout=120)
         stderr = run.stderr.read()
+        time.sleep(2)
+        return code, stderr, [pid for pid in marked_pids(ray_tmp) if pid != run.pid]
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
@@ -162,6 +162,13 @@ def test_sigterm_stops_predict_with_143_and_whole_files_then_a_rerun_finishes(tm
         for pid in marked_pids(ray_tmp):
             os.kill(pid, signal.SIGKILL)
 
+
+@pytest.mark.large  # a CLI run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
+def test_sigterm_stops_predict_with_143_and_whole_files_then_a_rerun_finishes(tmp_path):
+    names = write_pngs(tmp_path / "in", 200)
+    flags = ["predict", "--input", "in", "--output", "out", "--model", "tiny", "--num-classes", "5",
+             "--image-size", "64", "--batch-size", "2", "--decode-batch-size", "2"]  # fmt: skip
+    code, stderr, _ = sigterm_once(tmp_path, flags, lambda: list((tmp_path / "out/masks").glob("*.png")))  # mid-way
     assert code == 143, stderr
     assert stderr.splitlines()[-1] == "raydeeplab predict: stopped (SIGTERM); outputs written so far are kept", stderr
     assert "Traceback" not in stderr and "Aborted" not in stderr, stderr  # (Ray's C++ may log an actor warning)
@@ -192,27 +199,9 @@ def test_sigterm_stops_train_with_143_and_the_same_command_resumes_from_its_chec
     synthetic.make_shapes_dataset(str(tmp_path / "data"), 24, size=(48, 64), num_classes=4, layout="voc")
     flags = ["train", "--data", "data", "--output", "run", "--model", "tiny", "--num-classes", "4", "--image-size", "64",
              "--batch-size", "8", "--epochs", "4", "--workers", "2", "--cpus-per-worker", "0.5", "--gallery", "0"]  # fmt: skip
-    ray_tmp = short_tmp()
-    run = subprocess.Popen([SCRIPT, *flags], cwd=tmp_path, env=own_ray_env(ray_tmp), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 300
-        while not list((tmp_path / "run/_ray").rglob("checkpoint_*/metrics.json")):  # epoch 1 is checkpointed
-            assert run.poll() is None, run.stderr.read()
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
-        run.send_signal(signal.SIGTERM)
-        code = run.wait(timeout=120)
-        stderr = run.stderr.read()
-        time.sleep(2)
-        left = [pid for pid in marked_pids(ray_tmp) if pid != run.pid]
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-        for pid in marked_pids(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
-
+    code, stderr, left = sigterm_once(  # once epoch 1 is checkpointed
+        tmp_path, flags, lambda: list((tmp_path / "run/_ray").rglob("checkpoint_*/metrics.json"))
+    )
     assert code == 143, stderr
     assert stderr.splitlines()[-1] == "raydeeplab train: stopped (SIGTERM); outputs written so far are kept", stderr
     assert "Traceback" not in stderr, stderr
