@@ -4,9 +4,10 @@ as a set of every recorded name) and now (Ray tasks list one subfolder each; res
 8-byte name hashes).
 
     python bench/listing.py --objects 20000 --folders 100
+    python bench/listing.py --objects 200000 --folders 0
 
-A moto S3 server (tests/s3_server.py) holds a bucket of ``--objects`` tiny ``.jpg`` objects spread
-over ``--folders`` subfolders, and a previous run's predictions Parquet naming half of them. The
+A moto S3 server holds a bucket of ``--objects`` tiny ``.jpg`` objects spread over ``--folders``
+subfolders (0: one flat prefix), and a previous run's predictions Parquet naming half of them. The
 old code is the ``--old-rev`` version of raydeeplab/batch.py, read from git. Time to the first
 mask is this time plus the pipeline's own first-mask latency (bench/infer.py), the same for both.
 """
@@ -21,7 +22,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,7 +29,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from raydeeplab import batch, storage  # noqa: E402
-from tests.s3_server import start_moto_server, stop_moto_server  # noqa: E402
+from tests.s3_server import HOST, free_port, stop_moto_server  # noqa: E402
 
 OLD_REV = "22a16f9"  # the last raydeeplab/batch.py before streaming listing and hash-filtered resume
 
@@ -45,33 +45,62 @@ def old_functions(rev: str) -> dict:
     return namespace
 
 
-def fill_bucket(endpoint: str, objects: int, folders: int) -> tuple[str, str]:
-    """(input prefix, output prefix with predictions for every other object)."""
+def serve_filled(port: int, objects: int, folders: int) -> None:
+    """A moto S3 server on ``port`` whose bucket ``bench`` holds ``objects`` one-byte ``.jpg`` keys
+    under ``in/``, in ``folders`` subfolders (0: one flat prefix). Filled through moto's backend in
+    this process (200,000 keys in seconds; over HTTP moto takes ~200 a second), then served."""
+    from moto.core import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    backend.create_bucket("bench", "us-east-1")
+    for key in input_keys(objects, folders):
+        backend.put_object("bench", key, b"x")
+    ThreadedMotoServer(ip_address=HOST, port=port).start()
+    print("serving", flush=True)
+    while True:
+        time.sleep(3600)
+
+
+def input_keys(objects: int, folders: int) -> list[str]:
+    return [f"in/f{i % folders:04d}/img_{i:08d}.jpg" if folders else f"in/img_{i:08d}.jpg" for i in range(objects)]
+
+
+def filled_server(objects: int, folders: int) -> tuple[subprocess.Popen, str]:
+    """(process, endpoint) of :func:`serve_filled` in a subprocess, plus a previous run's
+    predictions Parquet naming every other input (what resume reads)."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket="bench")
-    keys = [f"in/f{i % folders:04d}/img_{i:08d}.jpg" for i in range(objects)]
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda key: s3.put_object(Bucket="bench", Key=key, Body=b"x"), keys))
-    done = pa.table({batch.PATH: [f"s3://bench/{key}" for key in keys[::2]]})
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--objects", str(objects), "--folders", str(folders)],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    for line in process.stdout:  # moto prints a line of its own first
+        if line.strip() == "serving":
+            break
+    else:
+        raise RuntimeError(f"the filled moto server exited with {process.wait()}")
+    endpoint = f"http://{HOST}:{port}"
+    done = pa.table({batch.PATH: [f"s3://bench/{key}" for key in input_keys(objects, folders)[::2]]})
     sink = io.BytesIO()
     pq.write_table(done, sink)
-    s3.put_object(Bucket="bench", Key="out/predictions/part-previous.parquet", Body=sink.getvalue())
-    return "s3://bench/in", "s3://bench/out"
+    boto3.client("s3", endpoint_url=endpoint).put_object(Bucket="bench", Key="out/predictions/part-previous.parquet", Body=sink.getvalue())
+    return process, endpoint
 
 
-def measure(fn) -> tuple[float, float, int]:
-    """(seconds to the first input, peak traced MiB, inputs to do) of ``fn`` -> iterator of batch sizes."""
+def measure(fn) -> tuple[float, float, float, int]:
+    """(seconds to the first input, to the last, peak traced MiB, inputs to do) of ``fn`` ->
+    iterator of batch sizes."""
     tracemalloc.start()
     started = time.perf_counter()
     first, total = None, 0
     for size in fn():
         first = first if first is not None else time.perf_counter() - started
         total += size
+    last = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    return first, peak, total
+    return first, last, peak, total
 
 
 def old_way(functions: dict, root: str, output: str):
@@ -94,23 +123,28 @@ def new_way(root: str, output: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--objects", type=int, default=20_000)
-    parser.add_argument("--folders", type=int, default=100)
+    parser.add_argument("--folders", type=int, default=100, help="0: one flat prefix")
     parser.add_argument("--old-rev", default=OLD_REV)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the filled server's own process
     args = parser.parse_args()
+    if args.serve:
+        serve_filled(args.serve, args.objects, args.folders)
 
     import ray
 
-    process, endpoint = start_moto_server()
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
     os.environ.update(env)
+    started = time.perf_counter()
+    process, endpoint = filled_server(args.objects, args.folders)
+    env["AWS_ENDPOINT_URL"] = os.environ["AWS_ENDPOINT_URL"] = endpoint
     try:
-        started = time.perf_counter()
-        root, output = fill_bucket(endpoint, args.objects, args.folders)
-        print(f"{args.objects} objects in {args.folders} folders written in {time.perf_counter() - started:.0f} s", flush=True)
+        print(f"{args.objects} objects in {args.folders} folders served after {time.perf_counter() - started:.0f} s", flush=True)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
-        for name, fn in (("old", lambda: old_way(old_functions(args.old_rev), root, output)), ("new", lambda: new_way(root, output))):
-            first, peak, todo = measure(fn)
-            print(f"RESULT {name}: objects={args.objects} first_input_s={first:.2f} driver_peak_mib={peak:.1f} todo={todo}", flush=True)
+        for name, fn in (("old", lambda: old_way(old_functions(args.old_rev), "s3://bench/in", "s3://bench/out")),
+                         ("new", lambda: new_way("s3://bench/in", "s3://bench/out"))):  # fmt: skip
+            first, last, peak, todo = measure(fn)
+            print(f"RESULT {name}: objects={args.objects} folders={args.folders} first_input_s={first:.2f} "
+                  f"last_input_s={last:.2f} driver_peak_mib={peak:.1f} todo={todo}", flush=True)  # fmt: skip
     finally:
         stop_moto_server(process)
 

@@ -77,6 +77,9 @@ TILE, TOP_SUM, LOW_COUNT, BANDS = "tile", "top_sum", "low_count", "bands"
 SCENE_MASK, ASSEMBLY_BYTES, ASSEMBLER_RSS = "scene_mask", "assembly_bytes", "assembler_rss"
 MASKS_DIR, OVERLAYS_DIR, PREDICTIONS_DIR, RUN_SUMMARY = "masks", "overlays", "predictions", "_run.json"
 MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
+# a prefix is listed by this many Ray tasks per cluster CPU (at least 8), each a key prefix:
+# enough to keep the CPUs listing, few enough that splitting the prefix costs little
+LISTING_UNITS_PER_CPU, MIN_LISTING_UNITS = 2, 8
 # --masks parquet: rows per predictions file, so N images make N / 1024 files, not N objects
 ROWS_PER_FILE = 1024
 
@@ -130,35 +133,37 @@ def manifest_inputs(input_uri: str) -> list[tuple[str, str]]:
     return [(u, u.split("://", 1)[-1].lstrip("/")) for u in uris]
 
 
-def listing_units(root: str) -> list[tuple[str, bool]]:
-    """``(uri, recursive)`` pieces of listing work below ``root``: its own files (not recursive)
-    and each subfolder (recursive), each listed by its own Ray task. One request here: a top
-    level of more than one page (a flat prefix of many keys) is one recursive unit instead."""
+def listing_units(root: str, want: int) -> list[tuple[str, str]]:
+    """``(uri, kind)`` pieces of listing work below ``root``, each listed by its own Ray task:
+    ``file`` (one input), ``folder`` (a local folder's own files), ``tree`` (a local folder and all
+    below it, or every key starting with an S3 key prefix). A prefix is split into about ``want``
+    key prefixes (:func:`storage.split_s3_prefix`), so a flat prefix of millions of keys is listed
+    by many tasks at once; a local folder by its subfolders."""
     fs, path = storage.filesystem(root)
     if fs.isfile(path):
-        return [(root, False)]
+        return [(root, "file")]
     if root.startswith("s3://"):
         bucket, _, key = path.partition("/")
-        prefix = key + "/" if key else ""
-        page = fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, Delimiter="/")
-        if page.get("IsTruncated"):
-            return [(root, True)]
-        subfolders = [f"s3://{bucket}/{p['Prefix'].rstrip('/')}" for p in page.get("CommonPrefixes", [])]
-    else:
-        subfolders = [entry.path for entry in os.scandir(path) if entry.is_dir()]
-    return [(root, False)] + [(folder, True) for folder in sorted(subfolders)]
+        keys, prefixes = storage.split_s3_prefix(bucket, key + "/" if key else "", want)
+        return [(f"s3://{bucket}/{k}", "file") for k in keys] + [(f"s3://{bucket}/{p}", "tree") for p in prefixes]
+    subfolders = sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
+    return [(root, "folder")] + [(folder, "tree") for folder in subfolders]
 
 
 def list_unit(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
-    """{"unit", "recursive"} -> {PATH, RELPATH} of the images in those listing units."""
+    """{"unit", "kind"} (:func:`listing_units`) -> {PATH, RELPATH} of the images they hold."""
     uris = []
-    for unit, recursive in zip(batch["unit"], batch["recursive"]):
-        if recursive:
-            uris += storage.list_files(str(unit), IMAGE_EXTENSIONS)
+    for unit, kind in zip(map(str, batch["unit"]), batch["kind"]):
+        if kind == "file":
+            uris.append(unit)
+        elif unit.startswith("s3://"):  # a key prefix, not a folder: "s3://b/in/img_0" holds in/img_01.jpg
+            bucket, _, prefix = unit[len("s3://") :].partition("/")
+            uris += [f"s3://{bucket}/{key}" for key in storage.iter_s3_keys(bucket, prefix)]
+        elif kind == "tree":
+            uris += storage.list_files(unit)
         else:
-            fs, path = storage.filesystem(str(unit))
-            names = [e["name"] for e in fs.ls(path, detail=True) if e["type"] == "file"] if fs.isdir(path) else [path]
-            uris += [storage.unstrip(fs, n) for n in names if is_image_name(posixpath.basename(n))]
+            uris += sorted(entry.path for entry in os.scandir(unit) if entry.is_file())
+    uris = [uri for uri in uris if is_image_name(posixpath.basename(uri))]
     return {PATH: np.array(uris, dtype=object), RELPATH: np.array([storage.relative_to(u, root) for u in uris], dtype=object)}
 
 
@@ -681,7 +686,8 @@ def read_inputs(cfg: PredictConfig):
         items = [{PATH: uri, RELPATH: rel} for uri, rel in manifest_inputs(cfg.input)]
         return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.decode_batch_size + 1, 10_000)))
     root = storage.normalize(cfg.input)
-    units = [{"unit": unit, "recursive": recursive} for unit, recursive in listing_units(root)]
+    want = max(MIN_LISTING_UNITS, LISTING_UNITS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
+    units = [{"unit": unit, "kind": kind} for unit, kind in listing_units(root, want)]
     return (
         ray.data.from_items(units, override_num_blocks=len(units))
         .map_batches(list_unit, batch_size=1, batch_format="numpy", fn_kwargs={"root": root})

@@ -16,6 +16,7 @@ import random
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator, TypeVar
 
 import fsspec
@@ -38,6 +39,9 @@ TRANSIENT_CODES = {
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+LIST_PAGE = 1000  # keys in one ListObjectsV2 answer (S3's most)
+LAST_CHAR = "\U0010ffff"  # sorts after every character, in S3's UTF-8 byte order as in Python's
+LISTING_THREADS = 16  # concurrent requests while splitting a prefix
 
 
 def is_remote(uri: str) -> bool:
@@ -145,6 +149,82 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
             continue
         out.append(unstrip(fs, f))
     return sorted(out)
+
+
+def s3_keys(bucket: str, prefix: str, start_after: str = "", max_keys: int = LIST_PAGE) -> tuple[list[str], bool]:
+    """(keys, more to come): one ListObjectsV2 answer, keys that start with ``prefix`` (a string,
+    not a folder) and sort after ``start_after``, in S3's order."""
+    fs, _ = filesystem(f"s3://{bucket}")
+    args = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys, **({"StartAfter": start_after} if start_after else {})}
+    answer = retrying(lambda: fs.call_s3("list_objects_v2", **args), f"s3://{bucket}/{prefix}")
+    return [entry["Key"] for entry in answer.get("Contents", [])], bool(answer.get("IsTruncated"))
+
+
+def iter_s3_keys(bucket: str, prefix: str, page: int = LIST_PAGE) -> Iterator[str]:
+    """Every key that starts with ``prefix``, one page held at a time."""
+    after = ""
+    while True:
+        keys, more = s3_keys(bucket, prefix, after, page)
+        yield from keys
+        if not (more and keys):
+            return
+        after = keys[-1]
+
+
+def split_s3_prefix(bucket: str, prefix: str, want: int, page: int = LIST_PAGE) -> tuple[list[str], list[str]]:
+    """(keys, prefixes) that name every key starting with ``prefix`` exactly once, in key order,
+    with about ``want`` prefixes (or fewer) when there are many keys: each prefix can be listed
+    by its own task, so a flat prefix of millions of keys is not one listing.
+
+    A prefix with more than one page of keys is split, breadth first, by the character after the
+    longest prefix all its keys share. The first page shows the first characters in use; each
+    further one costs one request that skips every key starting with the last (StartAfter =
+    prefix + c + LAST_CHAR). A key equal to a split prefix goes to ``keys``. Nothing is assumed
+    of the names: hashes, sequence numbers and folders all split (sequence numbers by one digit
+    a level).
+    """
+
+    def all_start_with(p: str, common: str) -> bool:  # no key of p sorts past common's keys
+        return not s3_keys(bucket, p, common + LAST_CHAR, 1)[0]
+
+    def split(p: str) -> tuple[list[str], list[str]] | None:
+        first, more = s3_keys(bucket, p, "", page)
+        if not more:
+            return None
+        # Skip the levels every key shares (in/img_000 of in/img_00012345.jpg ...): the longest
+        # prefix of the page's common one that every key starts with, by binary search.
+        common = os.path.commonprefix([first[0], first[-1]])
+        low, high = len(p), len(common)
+        while low < high:
+            middle = (low + high + 1) // 2
+            low, high = (middle, high) if all_start_with(p, common[:middle]) else (low, middle - 1)
+        p = common[:low]
+        chars = sorted({key[len(p)] for key in first if len(key) > len(p)})
+        while True:
+            following, _ = s3_keys(bucket, p, p + chars[-1] + LAST_CHAR if chars else p, 1)
+            if not following:
+                return [p] * (first[0] == p), [p + c for c in chars]
+            chars.append(following[0][len(p)])
+
+    keys: list[str] = []
+    done: list[str] = []
+    frontier = [prefix]
+    with ThreadPoolExecutor(LISTING_THREADS) as pool:
+        while frontier and len(done) + len(frontier) < want:
+            chunk, frontier = frontier[:LISTING_THREADS], frontier[LISTING_THREADS:]
+            for p, parts in zip(chunk, pool.map(split, chunk)):
+                if parts is None:
+                    done.append(p)
+                else:
+                    keys += parts[0]
+                    frontier += parts[1]
+        # Listed in key order, the first prefix is split down to one page: the first images are
+        # read after one listing request, not after a whole prefix's.
+        units = sorted(done + frontier)
+        while units and units[0] not in done and (parts := split(units[0])) is not None:
+            keys += parts[0]
+            units = sorted(parts[1] + units[1:])
+    return sorted(keys), units
 
 
 def read_bytes(uri: str) -> bytes:

@@ -1,0 +1,76 @@
+"""Listing a prefix of many keys (issue 11, item 4) on the real S3 test server: the prefix is split
+into key prefixes, listed by separate Ray tasks, that together name every key exactly once, however
+the names look. The reference is boto3's own paginated listing of the same prefix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from raydeeplab import storage
+from raydeeplab.batch import PATH, RELPATH, listing_units, read_inputs
+from raydeeplab.config import PredictConfig
+
+NAMES = (
+    [f"img_{i:05d}.jpg" for i in range(60)]  # sequence numbers: split one digit a level
+    + [hashlib.sha1(str(i).encode()).hexdigest()[:12] + ".png" for i in range(40)]  # hashes
+    + [f"f{j}/x{i}.jpg" for j in range(4) for i in range(6)]  # folders
+    + ["img_0", "a.jpg", "a.jpg.jpg"] + [f"a.jpg/b{i}.jpg" for i in range(6)]  # keys that are split prefixes
+    + ["été/ü.jpg", "日本.jpg", "\U0001f600.jpg", "~tilde.jpg", "Z.JPG"]  # past ASCII, past the BMP
+    + [".hidden.jpg", "readme.txt", ""]  # not images; "" is the folder marker in/
+)
+
+
+def s3_client():
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"], config=Config(max_pool_connections=16))
+
+
+def put_keys(bucket: str, keys: list[str]) -> None:
+    client = s3_client()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda key: client.put_object(Bucket=bucket, Key=key, Body=b"x"), keys))
+
+
+def boto3_listing(bucket: str, prefix: str) -> list[str]:
+    pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [entry["Key"] for page in pages for entry in page.get("Contents", [])]
+
+
+@pytest.mark.parametrize("want", [20, 10_000])
+def test_a_split_prefix_names_every_key_once(bucket, want):
+    name = bucket[len("s3://") :]
+    put_keys(name, ["in/" + n for n in NAMES] + ["inx/other.jpg", "in"])  # share the string "in", not the folder
+    keys, prefixes = storage.split_s3_prefix(name, "in/", want, page=5)
+    listed = keys + [key for prefix in prefixes for key in storage.iter_s3_keys(name, prefix, page=5)]
+
+    expected = boto3_listing(name, "in/")
+    assert len(expected) == len(NAMES)
+    assert sorted(listed) == sorted(expected)  # nothing missing, nothing twice
+    assert listed[len(keys) :] == sorted(listed[len(keys) :])  # prefixes come in key order
+    if want == 20:
+        assert len(prefixes) >= 20
+        assert not storage.s3_keys(name, prefixes[0], max_keys=5)[1]  # the first is one page
+    else:  # split to the end: every prefix holds a page at most, and keys that are split prefixes stay
+        assert max(len(storage.s3_keys(name, prefix, max_keys=1000)[0]) for prefix in prefixes) <= 5
+        assert {"in/", "in/img_0", "in/a.jpg"} <= set(keys)
+
+
+def test_a_flat_prefix_of_more_than_a_page_is_listed_by_many_tasks(ray_local, bucket):
+    name = bucket[len("s3://") :]
+    images = [f"in/{i:06d}.jpg" for i in range(storage.LIST_PAGE + 100)]
+    put_keys(name, [*images, "in/notes.txt", "in/sub/deep.png"])
+    units = listing_units(f"{bucket}/in", want=8)
+    assert {kind for _, kind in units} == {"tree"} and len(units) > 2  # was one task listing it all
+    first = units[0][0].split("/", 3)[3]  # listed first, split to one page: images are read early
+    assert not storage.s3_keys(name, first)[1] and min(images) in storage.s3_keys(name, first)[0]
+
+    rows = read_inputs(PredictConfig(input=f"{bucket}/in", output=f"{bucket}/out", model="tiny")).take_all()
+    expected = [f"s3://{name}/{key}" for key in [*images, "in/sub/deep.png"]]
+    assert sorted(row[PATH] for row in rows) == sorted(expected)
+    assert sorted(row[RELPATH] for row in rows) == sorted(uri.split("/in/", 1)[1] for uri in expected)
