@@ -29,6 +29,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from raydeeplab import batch, storage  # noqa: E402
+from raydeeplab.data.manifests import MANIFEST_EXTENSIONS  # noqa: E402
 from tests.s3_server import HOST, free_port, stop_moto_server  # noqa: E402
 
 OLD_REV = "22a16f9"  # the last raydeeplab/batch.py before streaming listing and hash-filtered resume
@@ -40,7 +41,7 @@ def old_functions(rev: str) -> dict:
     wanted = {"is_manifest", "read_manifest", "list_inputs", "completed_inputs"}
     tree = ast.parse(source)
     tree.body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in wanted]
-    namespace = {"storage": storage, "pq": pq, "io": io, **{k: getattr(batch, k) for k in ("PATH", "PREDICTIONS_DIR", "MANIFEST_EXTENSIONS", "IMAGE_EXTENSIONS")}}
+    namespace = {"storage": storage, "pq": pq, "io": io, "MANIFEST_EXTENSIONS": MANIFEST_EXTENSIONS, **{k: getattr(batch, k) for k in ("PATH", "PREDICTIONS_DIR", "IMAGE_EXTENSIONS")}}
     exec(compile(tree, f"{rev}:raydeeplab/batch.py", "exec"), namespace)
     return namespace
 
@@ -114,6 +115,7 @@ def new_way(root: str, output: str):
     from raydeeplab.config import PredictConfig
 
     cfg = PredictConfig(input=root, output=output, model="tiny")
+    assert storage.has_files(root, batch.IMAGE_EXTENSIONS)  # the CLI's check before any Ray work
     done = batch.completed_hashes(output)
     todo = batch.read_inputs(cfg).map_batches(batch.drop_completed, batch_format="numpy", fn_kwargs={"done": done})
     for rows in todo.iter_batches(batch_size=None, batch_format="numpy"):

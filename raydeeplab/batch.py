@@ -58,6 +58,7 @@ from raydeeplab.data.images import (
     overlay,
     restore_mask,
 )
+from raydeeplab.data.manifests import is_manifest
 from raydeeplab.errors import UserError
 from raydeeplab.tiling import SceneAssembler, TileGrid, check_tiling
 from raydeeplab.tta import TestTimeAugmentation
@@ -76,7 +77,6 @@ CONFIDENCE, LOW_FRACTION = "confidence", "low_confidence_fraction"
 TILE, TOP_SUM, LOW_COUNT, BANDS = "tile", "top_sum", "low_count", "bands"
 SCENE_MASK, ASSEMBLY_BYTES, ASSEMBLER_RSS = "scene_mask", "assembly_bytes", "assembler_rss"
 MASKS_DIR, OVERLAYS_DIR, PREDICTIONS_DIR, RUN_SUMMARY = "masks", "overlays", "predictions", "_run.json"
-MANIFEST_EXTENSIONS = (".parquet", ".csv", ".txt")
 # a prefix is listed by this many Ray tasks per cluster CPU (at least 8), each a key prefix:
 # enough to keep the CPUs listing, few enough that splitting the prefix costs little
 LISTING_UNITS_PER_CPU, MIN_LISTING_UNITS = 2, 8
@@ -102,35 +102,16 @@ PREDICTION_SCHEMA = pa.schema(
 # ---------------------------------------------------------------- driver side, no Ray
 
 
-def is_manifest(uri: str) -> bool:
-    return uri.lower().endswith(MANIFEST_EXTENSIONS) and not storage.isdir(uri)
-
-
-def read_manifest(uri: str) -> list[str]:
-    """Parquet/CSV with a ``path`` (or first) column, or a text file of one URI per line."""
-    lower = uri.lower()
-    if lower.endswith(".txt"):
-        return list(storage.iter_lines(uri))
-    data = storage.read_bytes(uri)
-    if lower.endswith(".parquet"):
-        table = pq.read_table(io.BytesIO(data))
-    else:
-        import pyarrow.csv as pacsv
-
-        table = pacsv.read_csv(io.BytesIO(data))
-    column = PATH if PATH in table.column_names else table.column_names[0]
-    return [str(v) for v in table.column(column).to_pylist() if v]
-
-
-def manifest_inputs(input_uri: str) -> list[tuple[str, str]]:
-    """``(uri, relative path)`` for every manifest entry (the manifest is the user's own list).
-
-    A manifest entry's relative path is its canonical location without the scheme: local
-    entries are made absolute (so ``..`` is resolved the way the OS opens them, and workers
-    in other folders read the same file); S3 keys stay literal and are checked on writing.
-    """
-    uris = [u if storage.is_remote(u) else storage.normalize(u) for u in read_manifest(input_uri)]
-    return [(u, u.split("://", 1)[-1].lstrip("/")) for u in uris]
+def manifest_rows(batch: dict[str, np.ndarray], cwd: str) -> dict[str, np.ndarray]:
+    """A manifest's rows -> {PATH, RELPATH}: its ``path`` column (or its first; a text manifest's
+    lines), blanks dropped. The relative path is the entry's canonical location without the
+    scheme: local entries are made absolute against the driver's folder ``cwd`` (so ``..``
+    resolves the way the OS opens them, and workers in other folders read the same file); S3
+    keys stay literal and are checked on writing."""
+    values = batch[PATH] if PATH in batch else next(iter(batch.values()))
+    uris = [str(v).strip() for v in values if v is not None and v == v]  # v != v: NaN
+    uris = [u if storage.is_remote(u) else storage.normalize(os.path.join(cwd, os.path.expanduser(u.removeprefix("file://")))) for u in uris if u]
+    return {PATH: np.array(uris, dtype=object), RELPATH: np.array([u.split("://", 1)[-1].lstrip("/") for u in uris], dtype=object)}
 
 
 def listing_units(root: str, want: int) -> list[tuple[str, str]]:
@@ -659,11 +640,25 @@ def scene_task_memory(cfg: PredictConfig, image_size: int) -> int:
     return 128 * 2**20 + cfg.max_pixels * 3 * 2 + cfg.decode_batch_size * image_size * image_size * 3 * 2
 
 
+def read_manifest_rows(uri: str):
+    """The rows of a manifest (Parquet, CSV or text lines) as a Dataset, read by Ray tasks: the
+    driver never holds a list of ten million names."""
+    import ray
+
+    fs, path = storage.pyarrow_filesystem(uri), storage.filesystem(uri)[1]
+    lower = uri.lower()
+    if lower.endswith(".txt"):
+        return ray.data.read_text(path, filesystem=fs)
+    if lower.endswith(".parquet"):
+        return ray.data.read_parquet(path, filesystem=fs, file_extensions=None)
+    return ray.data.read_csv(path, filesystem=fs)
+
+
 def read_inputs(cfg: PredictConfig):
     """The inputs as a Dataset of {PATH, RELPATH} rows (plus BYTES, ERROR for shards); lazy.
 
-    Folders and prefixes are listed by one Ray task per :func:`listing_units` unit, so the
-    driver holds no names; shards are read by ``read_parquet`` in parallel.
+    Folders and prefixes are listed by one Ray task per :func:`listing_units` unit, manifests
+    read by Ray tasks, shards by ``read_parquet`` in parallel: the driver holds no names.
     """
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -683,8 +678,11 @@ def read_inputs(cfg: PredictConfig):
         # a shard, like a listed folder below, is one block of thousands of rows: cut, so decoding
         # spreads over tasks and the first masks do not wait for one task to decode it all
     if is_manifest(cfg.input):
-        items = [{PATH: uri, RELPATH: rel} for uri, rel in manifest_inputs(cfg.input)]
-        return ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // cfg.decode_batch_size + 1, 10_000)))
+        return (
+            read_manifest_rows(cfg.input)
+            .map_batches(manifest_rows, batch_format="numpy", fn_kwargs={"cwd": os.getcwd()})
+            .repartition(target_num_rows_per_block=cfg.decode_batch_size)
+        )
     root = storage.normalize(cfg.input)
     want = max(MIN_LISTING_UNITS, LISTING_UNITS_PER_CPU * int(ray.cluster_resources().get("CPU", 1)))
     units = [{"unit": unit, "kind": kind} for unit, kind in listing_units(root, want)]

@@ -508,11 +508,27 @@ def check_writable(uri: str) -> None:
 
 
 def has_files(root: str, extensions: tuple[str, ...]) -> bool:
-    """Whether any non-hidden file below ``root`` ends with one of ``extensions``; stops at the first."""
+    """Whether any non-hidden file below ``root`` ends with one of ``extensions``; stops at the
+    first, holding one listing page (S3) or one folder's iterator (local) at a time: fsspec's
+    walk() would list a flat prefix of millions of keys whole before looking at one."""
     fs, path = filesystem(root)
     if fs.isfile(path):
         return path.lower().endswith(extensions)
-    for _, _, files in fs.walk(path):
-        if any(not name.startswith(".") and name.lower().endswith(extensions) for name in files):
-            return True
-    return False
+
+    def wanted(name: str) -> bool:
+        return not name.startswith(".") and name.lower().endswith(extensions)
+
+    if root.startswith("s3://"):
+        bucket, _, key = path.partition("/")
+        return any(wanted(posixpath.basename(k)) for k in iter_s3_keys(bucket, key + "/" if key else ""))
+    if not is_remote(root):
+        folders = [path]
+        while folders:
+            with os.scandir(folders.pop()) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        folders.append(entry.path)
+                    elif wanted(entry.name):
+                        return True
+        return False
+    return any(any(map(wanted, files)) for _, _, files in fs.walk(path))

@@ -74,3 +74,37 @@ def test_a_flat_prefix_of_more_than_a_page_is_listed_by_many_tasks(ray_local, bu
     expected = [f"s3://{name}/{key}" for key in [*images, "in/sub/deep.png"]]
     assert sorted(row[PATH] for row in rows) == sorted(expected)
     assert sorted(row[RELPATH] for row in rows) == sorted(uri.split("/in/", 1)[1] for uri in expected)
+
+
+def test_the_check_for_images_reads_one_page_of_a_large_prefix(bucket, monkeypatch):
+    name = bucket[len("s3://") :]
+    put_keys(name, [f"in/{i:06d}.txt" for i in range(storage.LIST_PAGE + 100)] + ["in/~last.jpg", "in/.hidden.png"])
+    pages = []
+    monkeypatch.setattr(storage, "s3_keys", lambda *a, real=storage.s3_keys, **k: pages.append(a) or real(*a, **k))
+    assert storage.has_files(f"{bucket}/in", (".jpg",)) and len(pages) == 2  # the image is on page 2
+    pages.clear()
+    assert storage.has_files(f"{bucket}/in", (".txt",)) and len(pages) == 1  # fsspec's walk() listed all
+    assert not storage.has_files(f"{bucket}/in", (".png",))  # hidden names do not count
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
+def test_manifests_are_read_by_ray_tasks_with_local_entries_resolved_against_the_driver(ray_local, bucket, tmp_path, monkeypatch, kind):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    monkeypatch.chdir(tmp_path)  # relative entries are relative to where the user typed the command
+    entries = [f"{bucket}/p/a.jpg", "rel/b.png", "../up.jpg", str(tmp_path / "abs.jpg"), f"file://{tmp_path}/c.jpg"]
+    expected = [f"{bucket}/p/a.jpg", str(tmp_path / "rel/b.png"), str(tmp_path.parent / "up.jpg"), str(tmp_path / "abs.jpg"), str(tmp_path / "c.jpg")]
+    manifest = f"{bucket}/lists/m.{kind}"
+    if kind == "txt":
+        storage.write_bytes(manifest, ("\n".join(f"  {e} " for e in entries) + "\n\n").encode())  # blank lines, spaces
+    else:
+        table = pa.table({"id": list(range(len(entries))), "path": entries})  # the `path` column, not the first
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink) if kind == "parquet" else pacsv.write_csv(table, sink)
+        storage.write_bytes(manifest, sink.getvalue().to_pybytes())
+
+    rows = read_inputs(PredictConfig(input=manifest, output=str(tmp_path / "out"), model="tiny")).take_all()
+    assert sorted(row[PATH] for row in rows) == sorted(expected)
+    assert sorted(row[RELPATH] for row in rows) == sorted(e.split("://", 1)[-1].lstrip("/") for e in expected)
