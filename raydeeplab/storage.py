@@ -200,11 +200,14 @@ def split_s3_prefix(bucket: str, prefix: str, want: int, page: int = LIST_PAGE) 
             low, high = (middle, high) if all_start_with(p, common[:middle]) else (low, middle - 1)
         p = common[:low]
         chars = sorted({key[len(p)] for key in first if len(key) > len(p)})
-        while True:
-            following, _ = s3_keys(bucket, p, p + chars[-1] + LAST_CHAR if chars else p, 1)
-            if not following:
-                return [p] * (first[0] == p), [p + c for c in chars]
-            chars.append(following[0][len(p)])
+        after = p + chars[-1] + LAST_CHAR if chars else p
+        while following := s3_keys(bucket, p, after, 1)[0]:
+            key = following[0]
+            if not chars or chars[-1] != key[len(p)]:
+                chars.append(key[len(p)])
+            # past every key of that character; past this key alone if it holds LAST_CHAR itself
+            after = max(p + key[len(p)] + LAST_CHAR, key)
+        return [p] * (first[0] == p), [p + c for c in chars]
 
     keys: list[str] = []
     done: list[str] = []

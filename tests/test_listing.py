@@ -20,6 +20,7 @@ NAMES = (
     + [f"f{j}/x{i}.jpg" for j in range(4) for i in range(6)]  # folders
     + ["img_0", "a.jpg", "a.jpg.jpg"] + [f"a.jpg/b{i}.jpg" for i in range(6)]  # keys that are split prefixes
     + ["été/ü.jpg", "日本.jpg", "\U0001f600.jpg", "~tilde.jpg", "Z.JPG"]  # past ASCII, past the BMP
+    + ["a\U0010ffff.jpg", "a\U0010ffffb.jpg", "\U0010ffff.jpg"]  # the character the split skips with
     + [".hidden.jpg", "readme.txt", ""]  # not images; "" is the folder marker in/
 )
 
