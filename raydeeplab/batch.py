@@ -624,6 +624,18 @@ def actor_resources(cfg: ActorOptions) -> tuple[float, int]:
     return gpus_per_actor, actors
 
 
+def write_resources(cfg: PredictConfig, actors: int) -> dict:
+    """Ray options of the write tasks. Ray Data 2.60 reserves CPUs for operators upstream first,
+    so with fewer CPUs than the segmenters' plus one each for listing, decoding and writing, the
+    writes got none until every input was decoded: a long run on a small machine showed its first
+    mask near its end. There the write tasks ask for no CPU, two at a time (they mostly wait on
+    storage); on larger clusters each takes a CPU as any task does."""
+    import ray
+
+    spare = float(ray.cluster_resources().get("CPU", 0)) - actors * cfg.cpus_per_actor
+    return {} if spare >= 3 else {"num_cpus": 0, "concurrency": 2}
+
+
 def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
     """Bytes a decode task holds: a worker's baseline (~120 MiB measured) plus its output batch
     and the source images (~4x the model size each).
@@ -780,6 +792,7 @@ def build_pipeline(cfg: PredictConfig, inputs, info):
         write_outputs,
         batch_format="numpy",
         batch_size=rows_per_write,
+        **write_resources(cfg, actors),
         fn_kwargs={
             "output": cfg.output, "model_id": cfg.model, "num_classes": info.num_classes, "masks": cfg.masks,
             "overlays": cfg.overlays, "max_pixels": cfg.max_pixels,

@@ -37,6 +37,7 @@ from tests.corpus import photo
 from tests.s3_server import HOST, free_port, start_moto_server, stop_moto_server
 
 JOB_TIMEOUT = 600  # seconds a CLI run may take on two busy cores before the test fails
+MASK_WAIT_S = 45  # seconds a first mask may take once later reads hang
 
 
 # ---------------------------------------------------------------- parts
@@ -420,6 +421,37 @@ def test_store_outage_and_throttling_are_retried_and_nothing_is_lost(own_store, 
         f"({own_store.failed_requests} requests refused) after {done_before}/{len(inputs)} rows: "
         f"{record['ok']} ok, 0 lost, job {record['seconds']:.0f} s"
     )
+
+
+@pytest.mark.large  # a CLI run with its own Ray: minutes on 2 busy cores
+def test_masks_are_written_while_later_inputs_are_still_being_read(own_store, tmp_path, tiny_model):
+    """On 2 CPUs Ray Data 2.60 reserves CPUs for upstream operators first: the write tasks got
+    none until every input was decoded, so a long run wrote its first mask near its end. Here the
+    reads of the later half of the inputs hang at the store until masks are written: before
+    ``batch.write_resources`` none were (the reads waited out their retries first)."""
+    inputs = sorted(write_inputs("s3://data/in", 48))
+    later = {uri.removeprefix("s3://") for uri in inputs[24:]}
+
+    def rule(line: bytes) -> str:  # b"GET /data/in/s06/img_006.jpg HTTP/1.1": path-style
+        method, target = line.decode().split(" ")[:2]
+        return "hold" if method == "GET" and target.lstrip("/").split("?")[0] in later else "up"
+
+    held = own_store.by_request(rule)
+    job = start_predict(tmp_path, tiny_model, "s3://data/in", "out", own_store.endpoint)
+    try:
+        assert held.wait(timeout=300), "the later inputs were never read"
+        deadline = time.monotonic() + MASK_WAIT_S  # less than the held reads' retries (RETRY_SECONDS)
+        while not (masks := list((tmp_path / "out/masks").rglob("*.png"))):
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, f"no mask within {MASK_WAIT_S} s while later reads hang"
+            time.sleep(0.2)
+    finally:
+        own_store.set_mode("up")
+        code, err = finish(job)
+    assert code == 0, err[-3000:]
+    assert {str(m.relative_to(tmp_path / "out/masks")) for m in masks} <= {u.split("/in/", 1)[1] + ".png" for u in inputs[:24]}
+    assert sorted(row[PATH] for row in read_rows(str(tmp_path / "out"))) == inputs
+    print(f"\nFIGURE {len(masks)} masks written while {len(later)} reads hung at the store; then all {len(inputs)} done")
 
 
 @pytest.mark.large  # a CLI run with its own Ray: minutes on 2 busy cores
