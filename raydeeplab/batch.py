@@ -628,12 +628,13 @@ def write_resources(cfg: PredictConfig, actors: int) -> dict:
     """Ray options of the write tasks. Ray Data 2.60 reserves CPUs for operators upstream first,
     so with fewer CPUs than the segmenters' plus one each for listing, decoding and writing, the
     writes got none until every input was decoded: a long run on a small machine showed its first
-    mask near its end. There the write tasks ask for no CPU, two at a time (they mostly wait on
-    storage); on larger clusters each takes a CPU as any task does."""
+    mask near its end. There the write tasks ask for no CPU (they mostly wait on storage; Ray
+    Data's object-store budget still bounds how many run); on larger clusters each takes a CPU
+    as any task does."""
     import ray
 
     spare = float(ray.cluster_resources().get("CPU", 0)) - actors * cfg.cpus_per_actor
-    return {} if spare >= 3 else {"num_cpus": 0, "concurrency": 2}
+    return {} if spare >= 3 else {"num_cpus": 0}
 
 
 def decode_task_memory(cfg: PredictConfig, image_size: int) -> int:
