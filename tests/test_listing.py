@@ -62,6 +62,7 @@ def test_a_split_prefix_names_every_key_once(bucket, want):
         assert {"in/", "in/img_0", "in/a.jpg"} <= set(keys)
 
 
+@pytest.mark.large  # 1,100 keys through Ray: half a minute of a CI run that must stay under 30
 def test_a_flat_prefix_of_more_than_a_page_is_listed_by_many_tasks(ray_local, bucket):
     name = bucket[len("s3://") :]
     images = [f"in/{i:06d}.jpg" for i in range(storage.LIST_PAGE + 100)]
@@ -88,7 +89,8 @@ def test_the_check_for_images_reads_one_page_of_a_large_prefix(bucket, monkeypat
     assert not storage.has_files(f"{bucket}/in", (".png",))  # hidden names do not count
 
 
-@pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
+# txt runs by default (with test_batch's manifest run); the Ray readers of the others with -m large
+@pytest.mark.parametrize("kind", ["txt", pytest.param("csv", marks=pytest.mark.large), pytest.param("parquet", marks=pytest.mark.large)])
 def test_manifests_are_read_by_ray_tasks_with_local_entries_resolved_against_the_driver(ray_local, bucket, tmp_path, monkeypatch, kind):
     import pyarrow as pa
     import pyarrow.csv as pacsv
