@@ -4,9 +4,10 @@
     --tile:  list -> split_tiles (CPU: a row per tile) -> SegmenterPredictor -> MaskAssembler
              (one actor: a scene's mask from its tiles) -> write_outputs
 
-Inputs: a folder or prefix of images (listed by parallel Ray tasks, one per subfolder, so the
-driver never holds the names), a manifest of URIs, or Parquet shards of encoded image bytes
-(``--image-column``, ``--id-column``: read by ``ray.data.read_parquet``, never object by object).
+Inputs: a folder or prefix of images (listed by parallel Ray tasks: an S3 prefix split into key
+prefixes, a local folder by subfolder, so the driver never holds the names), a manifest of URIs
+(read by Ray tasks), or Parquet shards of encoded image bytes (``--image-column``,
+``--id-column``: read by ``ray.data.read_parquet``, never object by object).
 
 Outputs under ``OUT``:
 
