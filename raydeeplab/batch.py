@@ -125,8 +125,8 @@ def listing_units(root: str, want: int) -> list[tuple[str, str]]:
     if fs.isfile(path):
         return [(root, "file")]
     if root.startswith("s3://"):
-        bucket, _, key = path.partition("/")
-        keys, prefixes = storage.split_s3_prefix(bucket, key + "/" if key else "", want)
+        bucket, prefix = storage.s3_folder(path)
+        keys, prefixes = storage.split_s3_prefix(bucket, prefix, want)
         return [(f"s3://{bucket}/{k}", "file") for k in keys] + [(f"s3://{bucket}/{p}", "tree") for p in prefixes]
     subfolders = sorted(entry.path for entry in os.scandir(path) if entry.is_dir())
     return [(root, "folder")] + [(folder, "tree") for folder in subfolders]

@@ -151,6 +151,13 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
     return sorted(out)
 
 
+def s3_folder(path: str) -> tuple[str, str]:
+    """``bucket/folder`` (an S3 path as :func:`filesystem` gives it) -> (bucket, the key prefix of
+    everything inside it: ``folder/``, or "" for the whole bucket)."""
+    bucket, _, key = path.partition("/")
+    return bucket, key + "/" if key else ""
+
+
 def s3_keys(bucket: str, prefix: str, start_after: str = "", max_keys: int = LIST_PAGE) -> tuple[list[str], bool]:
     """(keys, more to come): one ListObjectsV2 answer, keys that start with ``prefix`` (a string,
     not a folder) and sort after ``start_after``, in S3's order."""
@@ -522,8 +529,7 @@ def has_files(root: str, extensions: tuple[str, ...]) -> bool:
         return not name.startswith(".") and name.lower().endswith(extensions)
 
     if root.startswith("s3://"):
-        bucket, _, key = path.partition("/")
-        return any(wanted(posixpath.basename(k)) for k in iter_s3_keys(bucket, key + "/" if key else ""))
+        return any(wanted(posixpath.basename(k)) for k in iter_s3_keys(*s3_folder(path)))
     if not is_remote(root):
         folders = [path]
         while folders:
