@@ -58,6 +58,7 @@ from raydeeplab.data.images import (
     fit_image,
     overlay,
     restore_mask,
+    reuse_freed_memory,
 )
 from raydeeplab.data.manifests import is_manifest
 from raydeeplab.errors import UserError
@@ -248,6 +249,7 @@ def load_images(
     """{PATH} (read from storage) or {PATH, BYTES, ERROR} (shard rows) -> adds IMAGE (n, S, S, 3)
     uint8 fitted by ``resize`` (:func:`fit_image`), BOX (n, 4) int32, HEIGHT, WIDTH, ERROR ("" when
     ok); BYTES (the encoded image, for --overlays) only with ``keep_bytes``."""
+    reuse_freed_memory()
     encoded, failed = batch.pop(BYTES, None), batch.get(ERROR)
     n = len(batch[PATH])
     images = np.zeros((n, image_size, image_size, 3), np.uint8)
@@ -283,6 +285,7 @@ def split_tiles(batch: dict[str, np.ndarray], tile: int, overlap: int, max_pixel
     {PATH, RELPATH, TILE, IMAGE (S, S, 3) uint8, BOX (the tile's centre box), HEIGHT, WIDTH (the
     scene's), ERROR}, and BYTES (the encoded scene on its tile 0, for --overlays). A scene that fails
     to decode is one row, TILE -1. Each scene is decoded once; a task holds it and one chunk."""
+    reuse_freed_memory()
     encoded, failed = batch.pop(BYTES, None), batch.get(ERROR)
     rows: list[dict] = []
     for i, uri in enumerate(batch[PATH]):

@@ -9,6 +9,8 @@ they open as class maps in any tool and as coloured pictures in any viewer.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import io
 
 import numpy as np
@@ -95,6 +97,26 @@ def to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8)
 
 
+M_MMAP_THRESHOLD, M_TOP_PAD = -3, -2  # glibc's malloc.h
+
+
+@functools.cache
+def reuse_freed_memory() -> None:
+    """Let this process serve the megabyte-sized temporaries of decoding and resizing from memory
+    it freed, not from fresh pages.
+
+    glibc maps every allocation over 128 KiB afresh and returns it on free, so each image's
+    arrays were page-faulted in again: 4 of the 7.4 ms a VOC photo took to decode and fit to
+    512 px on this project's CPU machine (3.5 ms with this). Blocks under 64 MiB now come from
+    the heap, which keeps 64 MiB spare. Called by the Ray tasks that do the host work, once per
+    worker process; nothing happens where the C library is not glibc.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 64 * 2**20)
+        mallopt(M_TOP_PAD, 64 * 2**20)
+
+
 def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     """``(H, W, 3) uint8`` -> ``(size, size, 3) uint8`` (or ``size = (height, width)``), stretched.
 
@@ -102,16 +124,40 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     keras-hub's image converter) computes it, rounded to uint8: a preset sees the same
     pixels through our pipeline as through its own preprocessor. Pillow's bilinear would
     differ when shrinking (it antialiases).
+
+    Every input pixel goes through this on the host, so it does the least work: the rows and
+    columns the taps read are picked while still uint8, and the axis whose pass leaves less
+    is interpolated first (4-30x faster than interpolating the whole source, same pixels).
     """
     shape = (size, size) if isinstance(size, int) else tuple(size)
     if image.shape[:2] == shape:
         return image
-    (top, bottom, dy), (left, right, dx) = (bilinear_taps(n, out) for n, out in zip(image.shape[:2], shape))
-    rows = image[top].astype(np.float32)
-    rows += (image[bottom] - rows) * dy[:, None, None]
-    out = rows[:, left]
-    out += (rows[:, right] - out) * dx[None, :, None]
-    return np.rint(out, out=out).astype(np.uint8)
+    (height, width), (rows, cols) = shape, image.shape[:2]
+    (top, bottom, dy), (left, right, dx) = bilinear_taps(rows, height), bilinear_taps(cols, width)
+    left, right = ((taps[:, None] * 3 + np.arange(3)).ravel() for taps in (left, right))  # per channel
+    pixels = image.reshape(rows, cols * 3)
+    if 2 * height < rows:  # shrinking: keep only the rows the taps read
+        pixels = pixels.take(np.concatenate([top, bottom]), axis=0)
+        top, bottom, rows = np.arange(height), np.arange(height, 2 * height), 2 * height
+    if 2 * width < cols:
+        pixels = pixels.take(np.concatenate([left, right]), axis=1)
+        left, right, cols = np.arange(3 * width), np.arange(3 * width, 6 * width), 2 * width
+    dy, dx = dy[:, None], np.repeat(dx, 3)
+    if height * cols <= rows * width:
+        out = lerp_taps(lerp_taps(pixels, top, bottom, dy, 0), left, right, dx, 1)
+    else:
+        out = lerp_taps(lerp_taps(pixels, left, right, dx, 1), top, bottom, dy, 0)
+    return np.rint(out, out=out).astype(np.uint8).reshape(height, width, 3)
+
+
+def lerp_taps(array: np.ndarray, low: np.ndarray, high: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
+    """One bilinear pass along ``axis``: ``a[low] + (a[high] - a[low]) * weight`` in float32."""
+    out = array.take(low, axis=axis).astype(np.float32)
+    far = array.take(high, axis=axis).astype(np.float32, copy=False)
+    far -= out
+    far *= weight
+    out += far
+    return out
 
 
 def bilinear_taps(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
