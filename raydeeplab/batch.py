@@ -60,7 +60,7 @@ from raydeeplab.data.images import (
     restore_mask,
     reuse_freed_memory,
 )
-from raydeeplab.data.manifests import is_manifest
+from raydeeplab.data.manifests import is_manifest, manifest_format
 from raydeeplab.errors import UserError
 from raydeeplab.tiling import SceneAssembler, TileGrid, check_tiling
 from raydeeplab.tta import TestTimeAugmentation
@@ -663,10 +663,10 @@ def read_manifest_rows(uri: str):
     import ray
 
     fs, path = storage.pyarrow_filesystem(uri), storage.filesystem(uri)[1]
-    lower = uri.lower()
-    if lower.endswith(".txt"):
+    kind = manifest_format(uri)
+    if kind == "text":
         return ray.data.read_text(path, filesystem=fs)
-    if lower.endswith(".parquet"):
+    if kind == "parquet":
         return ray.data.read_parquet(path, filesystem=fs, file_extensions=None)
     return ray.data.read_csv(path, filesystem=fs)
 

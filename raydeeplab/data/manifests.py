@@ -23,6 +23,13 @@ def is_manifest(uri: str) -> bool:
     return uri.lower().endswith(MANIFEST_EXTENSIONS) and not storage.isdir(uri)
 
 
+def manifest_format(uri: str) -> str:
+    """``"text"``, ``"parquet"`` or ``"csv"``, by extension: what this module's reader and the
+    batch job's Ray readers both go by."""
+    lower = uri.lower()
+    return "text" if lower.endswith(".txt") else "parquet" if lower.endswith(".parquet") else "csv"
+
+
 def read_manifest(uri: str, text_columns: tuple[str, ...]) -> dict[str, list[str]]:
     """Column name -> values (as strings, in file order).
 
@@ -30,11 +37,12 @@ def read_manifest(uri: str, text_columns: tuple[str, ...]) -> dict[str, list[str
     per line, named ``text_columns``: with one column the whole line is the value (a path may
     hold spaces), with several the line splits on whitespace into exactly that many fields.
     """
-    if uri.lower().endswith(".txt"):
+    kind = manifest_format(uri)
+    if kind == "text":
         return read_text(uri, text_columns)
     data = io.BytesIO(storage.read_bytes(uri))
     try:
-        if uri.lower().endswith(".parquet"):
+        if kind == "parquet":
             table = pyarrow.parquet.read_table(data)
         else:
             table = pyarrow.csv.read_csv(data)
