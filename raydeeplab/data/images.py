@@ -107,7 +107,7 @@ def reuse_freed_memory() -> None:
 
     glibc maps every allocation over 128 KiB afresh and returns it on free, so each image's
     arrays were page-faulted in again: 4 of the 7.4 ms a VOC photo took to decode and fit to
-    512 px on this project's CPU machine (3.5 ms with this). Blocks under 64 MiB now come from
+    512 px on this project's CPU machine (3.5-3.9 ms with this). Blocks under 64 MiB now come from
     the heap, which keeps 64 MiB spare. Called by the Ray tasks that do the host work, once per
     worker process; nothing happens where the C library is not glibc.
     """
@@ -127,7 +127,7 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
     Every input pixel goes through this on the host, so it does the least work: the rows and
     columns the taps read are picked while still uint8, and the axis whose pass leaves less
-    is interpolated first (4-30x faster than interpolating the whole source, same pixels).
+    is interpolated first (2-30x faster than interpolating the whole source, same pixels).
     """
     shape = (size, size) if isinstance(size, int) else tuple(size)
     if image.shape[:2] == shape:
@@ -152,7 +152,7 @@ def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
 
 def lerp_taps(array: np.ndarray, low: np.ndarray, high: np.ndarray, weight: np.ndarray, axis: int) -> np.ndarray:
     """One bilinear pass along ``axis``: ``a[low] + (a[high] - a[low]) * weight`` in float32."""
-    out = array.take(low, axis=axis).astype(np.float32)
+    out = array.take(low, axis=axis).astype(np.float32, copy=False)  # take made it: ours to modify
     far = array.take(high, axis=axis).astype(np.float32, copy=False)
     far -= out
     far *= weight
