@@ -62,6 +62,7 @@ from raydeeplab.data.images import (
 )
 from raydeeplab.data.manifests import is_manifest, manifest_format
 from raydeeplab.errors import UserError
+from raydeeplab.hub import keras_without_tensorflow
 from raydeeplab.tiling import SceneAssembler, TileGrid, check_tiling
 from raydeeplab.tta import TestTimeAugmentation
 
@@ -358,6 +359,7 @@ class SegmenterPredictor:
     """
 
     def __init__(self, cfg: ActorOptions, on_gpu: bool, overlap: int | None = None):
+        keras_without_tensorflow()
         from raydeeplab.presets import load_model
         from raydeeplab.segmenter import Segmenter, enable_compilation_cache
 

@@ -14,6 +14,8 @@ import logging
 import os
 import sys
 
+from raydeeplab.hub import keras_without_tensorflow
+
 VERBOSE_ENV = "RAYDEEPLAB_VERBOSE"
 WORKER_ENV = ("KERAS_BACKEND", "AWS_ENDPOINT_URL", "TF_CPP_MIN_LOG_LEVEL", "GRPC_VERBOSITY", "RAY_TRAIN_V2_ENABLED")
 PATH_KEYS = ("input", "output", "data", "sbd", "compile_cache", "model_cache", "auth_token_file")
@@ -32,6 +34,7 @@ def set_up_environment(verbose_flag: bool) -> None:
     if verbose_flag:
         os.environ[VERBOSE_ENV] = "1"
     os.environ.setdefault("KERAS_BACKEND", "jax")  # training needs JAX; one backend everywhere
+    keras_without_tensorflow()
     if not verbose():
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
@@ -39,8 +42,8 @@ def set_up_environment(verbose_flag: bool) -> None:
 
 
 def import_with_stderr_closed(module: str) -> None:
-    """Import ``module`` with file descriptor 2 on /dev/null: TensorFlow (under keras-hub) writes
-    absl lines there before any log level applies. Python errors still surface, after."""
+    """Import ``module`` with file descriptor 2 on /dev/null: TensorFlow, where Keras' backend loads
+    it, writes absl lines there before any log level applies. Python errors still surface, after."""
     sys.stderr.flush()
     saved = os.dup(2)
     try:

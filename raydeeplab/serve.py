@@ -39,6 +39,7 @@ from raydeeplab.api import (
     render,
 )
 from raydeeplab.config import Knobs, ServeConfig, inference_precision
+from raydeeplab.hub import keras_without_tensorflow
 from raydeeplab.tta import TestTimeAugmentation
 from raydeeplab.data.images import ImageError, resize_image
 
@@ -95,6 +96,7 @@ class SegmenterDeployment:
     """HTTP segmentation; one model load per replica, concurrent requests batched on device."""
 
     def __init__(self, args: dict[str, Any]):
+        keras_without_tensorflow()
         self.args = ServeConfig.from_dict(args)
         self.token = read_auth_token(self.args.auth_token_env, self.args.auth_token_file)
         self.loaded: LoadedModel | None = None  # set by the first reconfigure(), before any traffic

@@ -39,6 +39,7 @@ from raydeeplab.config import ConfigError, TrainConfig
 from raydeeplab.data import examples, voc
 from raydeeplab.data.transforms import train_transform
 from raydeeplab.errors import UserError
+from raydeeplab.hub import keras_without_tensorflow
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
     range, a bad preset) cannot be fixed by a retry: it is written where every attempt looks,
     a restarted group then ends at once, and the driver reports it (:func:`run_train`).
     ``--max-failures`` is left for what a retry can fix: a lost node, a killed worker."""
+    keras_without_tensorflow()
     cfg = TrainConfig.from_dict(config["cfg"])
     marker = user_error_uri(cfg.output)
     if storage.exists(marker):
