@@ -1,6 +1,6 @@
 """What ``bench/infer.py`` and ``bench/train.py`` share: a cached JPEG corpus, a fresh Ray worker
-with a pipeline worker's resources, a timing loop, the host-inclusive bound and the final
-``RESULT`` line.
+with a pipeline worker's resources, a timing loop, the host-inclusive bound, where the machine's
+CPU time went, and the final ``RESULT`` line.
 """
 
 from __future__ import annotations
@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import threading
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Callable
 
@@ -107,6 +109,86 @@ def host_bound(ceiling: float, host_s: float, cores: int, on_gpu: bool) -> float
     if on_gpu:
         return min(ceiling, cores / host_s)
     return 1.0 / (1.0 / ceiling + host_s / cores)
+
+
+class CpuUse:
+    """Every process's CPU time on this machine, read from ``/proc`` every ``interval`` seconds
+    while the ``with`` block runs, so that a pipeline's steady state can be split into who used the
+    cores: a figure below the ceiling says where the rest went. Linux only (elsewhere: empty).
+
+    Ray names a worker's process after what it runs (``ray::MapWorker(...)``, ``ray::IDLE``), so
+    the groups are: ``actors`` (titles naming ``actor_name``), ``tasks`` (any other Ray worker:
+    listing, decoding, writing; short tasks are often seen as ``ray::IDLE``), ``worker start``
+    (Python workers not yet named: Ray starting processes), ``driver`` (this process), ``ray``
+    (raylet, GCS, dashboard, monitors, Ray Data's helper actors) and ``other``.
+    """
+
+    GROUPS = ("actors", "tasks", "worker start", "driver", "ray", "other")
+    RAY_DAEMONS = ("raylet", "gcs_server", "dashboard", "log_monitor", "monitor.py", "runtime_env", "ray::Dash", "ray::_StatsActor", "ray::ActorLocation")
+
+    def __init__(self, actor_name: str, interval: float = 0.2):
+        self.actor_name, self.interval = actor_name, interval
+        self.samples: list[tuple[float, dict[str, float]]] = []  # (time, CPU seconds per group since the last)
+        self.stopped = threading.Event()
+        self.ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __enter__(self) -> "CpuUse":
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def run(self) -> None:
+        if not os.path.isdir("/proc/self"):
+            return
+        last: dict[int, float] = {}
+        while not self.stopped.wait(self.interval):
+            used: dict[str, float] = defaultdict(float)
+            for pid, (seconds, title) in self.processes().items():
+                if pid in last and seconds > last[pid]:
+                    used[self.group(pid, title)] += seconds - last[pid]
+                last[pid] = seconds
+            self.samples.append((time.time(), used))
+
+    def processes(self) -> dict[int, tuple[float, str]]:
+        """pid -> (user + system CPU seconds, command line) of every process still readable."""
+        found = {}
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    with open(f"/proc/{name}/stat") as f:
+                        fields = f.read().rpartition(")")[2].split()
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        title = f.read(300).replace(b"\0", b" ").decode(errors="replace")
+                except OSError:  # it exited meanwhile
+                    continue
+                found[int(name)] = ((int(fields[11]) + int(fields[12])) / self.ticks, title)
+        return found
+
+    def group(self, pid: int, title: str) -> str:
+        if pid == os.getpid():
+            return "driver"
+        if self.actor_name in title:
+            return "actors"
+        if any(daemon in title for daemon in self.RAY_DAEMONS):
+            return "ray"
+        if title.startswith("ray::"):
+            return "tasks"
+        if "default_worker.py" in title:
+            return "worker start"
+        return "other"
+
+    def cores(self, start: float, end: float) -> dict[str, float]:
+        """Mean cores each group used between two ``time.time()`` instants."""
+        total = defaultdict(float)
+        for when, used in self.samples:
+            if start < when <= end:
+                for group, seconds in used.items():
+                    total[group] += seconds
+        return {group: total[group] / max(end - start, 1e-9) for group in self.GROUPS}
 
 
 def cluster_gpus() -> int:

@@ -26,7 +26,9 @@ One run, one local Ray cluster, one machine:
    PNGs; the tail is included. A part holds what one actor call returned (about 60 images
    by default), so a few hundred images give a coarse number: thousands give a precise one;
    time to first mask = first PNG's mtime - the moment the actor's constructor started
-   running (its creation task's RUNNING event in Ray's state API).
+   running (its creation task's RUNNING event in Ray's state API);
+4. where the cores went in the warm run's steady window (``common.CpuUse``, this machine's
+   processes): segmenter actors, other Ray tasks, workers starting, the driver, Ray's daemons.
 
 On a GPU the host work runs on other cores than the model, so ``ratio`` (steady/ceiling) is
 the whole story. On a CPU-only machine decoding, PNG encoding and the model share the same
@@ -47,6 +49,7 @@ import time
 import numpy as np
 from common import (
     DEFAULT_CACHE,
+    CpuUse,
     check_positive,
     cluster_gpus,
     host_bound,
@@ -221,6 +224,7 @@ def measure_pipeline(cfg, in_flight: int) -> dict:
     actor = actor_started(since)
     return {
         "steady": rows[in_flight:].sum() / (times[-1] - times[in_flight - 1]) if len(times) > in_flight else float("nan"),
+        "window": (times[min(in_flight, len(times)) - 1], times[-1]),
         "parts": len(times),
         "first_mask_s": first_mask_time(cfg.output) - actor if actor else float("nan"),
         "actor_start_s": actor - since if actor else float("nan"),
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cores = os.cpu_count() or 1
     _, actors = actor_resources(cfg)
+    cpu = CpuUse("SegmenterPredictor")
     try:
         tile_fields = {"tile": args.tile, "overlap": args.overlap} if args.tile else {}  # its ceiling too
         ceiling = run_in_fresh_worker(
@@ -269,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         in_flight = max(IN_FLIGHT) * actors
         cold = measure_pipeline(cfg, in_flight)
-        warm = measure_pipeline(cfg.model_copy(update={"output": os.path.join(work, "warm")}), in_flight)
+        with cpu:
+            warm = measure_pipeline(cfg.model_copy(update={"output": os.path.join(work, "warm")}), in_flight)
         shards = write_shards(paths, os.path.join(work, "shards"))
         sharded = measure_pipeline(
             cfg.model_copy(update={"input": shards, "image_column": "jpeg", "id_column": "key", "output": os.path.join(work, "sharded")}),
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ray.shutdown()  # flush the workers' log lines before the report
-    report(args, cfg, gpus, actors, cores, ceiling, cold, warm, sharded, tiled)
+    report(args, cfg, gpus, actors, cores, ceiling, cold, warm, sharded, tiled, cpu.cores(*warm["window"]))
     return 0
 
 
@@ -296,7 +302,8 @@ def measure_tiled(args, cfg, paths: list[str], work: str) -> dict:
 
 
 def report(
-    args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict, sharded: dict, tiled: dict | None
+    args, cfg, gpus: int, actors: int, cores: int, ceiling: dict, cold: dict, warm: dict, sharded: dict,
+    tiled: dict | None, cpu: dict[str, float],
 ) -> None:
     scale = actors if gpus else 1  # each actor owns a GPU; CPU actors share the same cores
     device = {n: r * scale for n, r in ceiling["device"].items()}
@@ -324,6 +331,9 @@ def report(
             f"{label:<24} {run['steady']:>12.1f} {run['parts']:>6} {run['actor_start_s']:>13.1f}"
             f" {run['first_mask_s']:>12.1f} {run['total_s']:>8.1f} {run['overall']:>13.1f}"
         )
+    if sum(cpu.values()):
+        used = "  ".join(f"{group} {value:.2f}" for group, value in cpu.items())
+        print(f"cores used in the warm run's steady window, of {cores}: {used}  idle {max(cores - sum(cpu.values()), 0):.2f}")
     target = TARGET_GPU if gpus else TARGET_CPU
     ratio = warm["steady"] / best
     print(
