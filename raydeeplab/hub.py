@@ -4,8 +4,8 @@ keras-hub imports TensorFlow at import time wherever it is installed (for ``tf.d
 preprocessing and text tokenisers), and ``keras.utils.set_random_seed`` imports it to seed
 ``tf.random``; both fall back when it is absent, as on any machine without TensorFlow. It is
 installed here for ``model export``, yet every process that loaded a model paid for it: on this
-project's CPU machine loading and warming up the tiny model took 11.3 s and 1,170 MiB with it,
-8.0-8.4 s and 590 MiB without.
+project's CPU machine a batch actor with the tiny model (warm compilation cache) was ready 5.5-5.7 s
+after its process started and held 1,090 MiB; without TensorFlow, 3.3-3.6 s and 520 MiB.
 
 :func:`keras_without_tensorflow` is called first thing by the processes this project owns: the
 CLI's driver, batch and evaluation actors, Serve replicas, training workers. It is not applied
