@@ -21,6 +21,9 @@ def main(rank: int, port: int, workdir: str) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU stand-in for NCCL
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
 
+    from raydeeplab.hub import keras_without_tensorflow
+
+    keras_without_tensorflow()  # as train_loop_per_worker does, before anything imports keras_hub
     import numpy as np
 
     from raydeeplab import recipe
@@ -59,7 +62,7 @@ def main(rank: int, port: int, workdir: str) -> None:
     state = recipe.restore_train_state(resumed, checkpoint)
     losses["checkpoint"] = float(resumed.train_on_batch(images, masks, return_dict=True)["loss"])
     with open(os.path.join(workdir, f"result_rank{rank}.json"), "w") as f:
-        json.dump({"losses": losses, "epoch": state["epoch"], "processes": jax.process_count()}, f)
+        json.dump({"losses": losses, "epoch": state["epoch"], "processes": jax.process_count(), "tensorflow": "tensorflow" in sys.modules}, f)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def test_two_processes_initialised_like_jaxtrainer_on_gpus_train_from_every_mode
         assert worker.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
     results = [json.loads((tmp_path / f"result_rank{rank}.json").read_text()) for rank in range(2)]
     assert all(r["processes"] == 2 for r in results)
+    assert not any(r["tensorflow"] for r in results)  # as in a real train worker (raydeeplab.hub)
     assert set(results[0]["losses"]) == {"tiny", "backbone", "segmenter", "checkpoint"}
     # One data-parallel step: both processes computed the same global loss.
     for source, loss in results[0]["losses"].items():
