@@ -35,3 +35,19 @@ def test_a_batch_actor_runs_without_tensorflow_and_gives_the_same_masks(tmp_path
         results[mode] = run.stdout.split()[-2:]
     assert results == {"tensorflow-first": ["True", "2"], "plain": ["False", "2"]}
     np.testing.assert_array_equal(np.load(tmp_path / "plain.npy"), np.load(tmp_path / "tensorflow-first.npy"))
+
+
+def test_on_keras_tensorflow_backend_nothing_is_left_out():
+    """There Keras itself needs TensorFlow, and keras-hub gets it as it would without us."""
+    check = (
+        "from raydeeplab.hub import keras_without_tensorflow; keras_without_tensorflow()\n"
+        "import keras, keras_hub\n"
+        "from keras_hub.src.utils import tensor_utils\n"
+        "print(keras.backend.backend(), tensor_utils.tf is not None)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", check], env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split()[-2:] == ["tensorflow", "True"]
