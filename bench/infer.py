@@ -222,9 +222,10 @@ def measure_pipeline(cfg, in_flight: int) -> dict:
         raise RuntimeError(f"pipeline run incomplete: {summary.line()} {summary.errors_by_reason}")
     times, rows = commits(cfg.output)
     actor = actor_started(since)
+    start, end = times[min(in_flight, len(times)) - 1], times[-1]  # the steady window
     return {
-        "steady": rows[in_flight:].sum() / (times[-1] - times[in_flight - 1]) if len(times) > in_flight else float("nan"),
-        "window": (times[min(in_flight, len(times)) - 1], times[-1]),
+        "steady": rows[in_flight:].sum() / (end - start) if len(times) > in_flight else float("nan"),
+        "window": (start, end),
         "parts": len(times),
         "first_mask_s": first_mask_time(cfg.output) - actor if actor else float("nan"),
         "actor_start_s": actor - since if actor else float("nan"),
