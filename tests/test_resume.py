@@ -15,6 +15,25 @@ from raydeeplab.batch import PATH, run_predict
 from raydeeplab.config import PredictConfig
 from raydeeplab.data.images import decode_mask_png
 from tests.test_batch import read_rows, write_photos
+from tests.test_security import marked_pids, own_ray_env, short_tmp
+
+
+def kill_whole_run(process: subprocess.Popen, ray_tmp: str, timeout_s: float = 60) -> None:
+    """SIGKILL the CLI and every process of its Ray, and return once none is alive, as when a
+    machine or pod dies. Ray's workers have their own process groups: left alive, one finishes
+    the write it had begun (seen here 9 ms after its driver died), after a rerun started
+    meanwhile has already listed what is done, and those inputs get two rows."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    deadline = time.monotonic() + timeout_s
+    while pids := marked_pids(ray_tmp):
+        assert time.monotonic() < deadline, f"processes of the killed run still alive after {timeout_s} s: {pids}"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.05)
 
 
 def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, tmp_path, tiny_model):
@@ -22,10 +41,10 @@ def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, 
     out = tmp_path / "out"
     flags = ["--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
              "--batch-size", "2", "--decode-batch-size", "2"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    ray_tmp = short_tmp()
     victim = subprocess.Popen(
         [sys.executable, "-m", "raydeeplab.cli", "--address", "local", "predict", *flags],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=own_ray_env(ray_tmp), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 300
@@ -34,8 +53,7 @@ def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, 
             assert time.monotonic() < deadline, "no output after 300 s"
             time.sleep(0.2)
     finally:
-        os.killpg(victim.pid, signal.SIGKILL)  # the driver and the Ray cluster it started
-        victim.wait()
+        kill_whole_run(victim, ray_tmp)
 
     summary = run_predict(PredictConfig(input=str(tmp_path / "in"), output=str(out), model=tiny_model, batch_size=2))
     assert 0 < summary.skipped < len(inputs), "the kill must land mid-way for this test to mean anything"
