@@ -27,9 +27,19 @@ class KerasWithoutTensorFlow(importlib.abc.MetaPathFinder):
     """Answers Keras' and keras-hub's ``import tensorflow`` as a machine without TensorFlow would."""
 
     def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in SKIPPED and "tensorflow" not in sys.modules and importer() in ASKERS:
+        if (
+            name.partition(".")[0] in SKIPPED and "tensorflow" not in sys.modules
+            and importer() in ASKERS and not tensorflow_backend()
+        ):  # fmt: skip
             raise ModuleNotFoundError(f"No module named {name!r} (left out for Keras by raydeeplab.hub)", name=name)
         return None
+
+
+def tensorflow_backend() -> bool:
+    """Whether Keras runs on TensorFlow, which then loads it; asked at import time, so installing
+    the finder imports nothing (an unknown backend counts as TensorFlow: nothing is refused)."""
+    config = sys.modules.get("keras.src.backend.config")
+    return config is None or config.backend() == "tensorflow"
 
 
 def importer() -> str:
@@ -43,7 +53,5 @@ def importer() -> str:
 def keras_without_tensorflow() -> None:
     """From now on in this process, Keras and keras-hub run without TensorFlow unless Keras' backend
     is TensorFlow or something else loads it. Call before keras-hub is imported; idempotent."""
-    import keras
-
-    if keras.backend.backend() != "tensorflow" and not any(isinstance(f, KerasWithoutTensorFlow) for f in sys.meta_path):
+    if not any(isinstance(f, KerasWithoutTensorFlow) for f in sys.meta_path):
         sys.meta_path.insert(0, KerasWithoutTensorFlow())
