@@ -7,7 +7,7 @@
 Inputs: a folder or prefix of images (listed by parallel Ray tasks: an S3 prefix split into key
 prefixes, a local folder by subfolder, so the driver never holds the names), a manifest of URIs
 (read by Ray tasks), or Parquet shards of encoded image bytes (``--image-column``,
-``--id-column``: read by ``ray.data.read_parquet``, never object by object).
+``--id-column``: one Ray task per shard, a record batch at a time, never object by object).
 
 Outputs under ``OUT``:
 
@@ -180,17 +180,33 @@ def check_shards(cfg: PredictConfig) -> list[str]:
     return shards
 
 
-def shard_rows(batch: dict[str, np.ndarray], image_column: str, id_column: str, scheme: str) -> dict[str, np.ndarray]:
-    """A shard batch -> {PATH: id, RELPATH: id, BYTES, ERROR}; a row without an id keeps its shard's
-    URI as PATH and fails with "missing id"."""
-    shards = [scheme + str(p) for p in batch["path"]]  # read_parquet(include_paths=True): no scheme
-    ids = [None if v is None or v != v else str(v) for v in batch[id_column]]  # v != v: NaN
-    missing = [f"missing id: a row of {shard} has no {id_column}" for shard in shards]
+def read_shard(batch: dict[str, np.ndarray], image_column: str, id_column: str, rows: int):
+    """{"shard": URI} -> its rows as {PATH: id, RELPATH: id, BYTES, ERROR}, ``rows`` at a time
+    (one Parquet record batch each). A row without an id keeps the shard's URI as PATH and fails
+    with "missing id"; a shard that cannot be read (not Parquet, a column missing) is one failed
+    row named by its URI, after whatever it yielded, and the other shards go on."""
+    for uri in map(str, batch["shard"]):
+        fs, path = storage.filesystem(uri)
+        try:
+            with fs.open(path, "rb") as f:
+                for part in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[image_column, id_column]):
+                    yield shard_rows(part, image_column, id_column, uri)
+        except Exception as err:  # pyarrow's ArrowInvalid/ArrowException, OSError, botocore errors...
+            if (failure := storage.store_failure(err, "--input", uri, "read")) is not None:
+                raise failure from err
+            why = f"unreadable shard: {type(err).__name__}: {err}"
+            yield {PATH: np.array([uri], object), RELPATH: np.array([""], object), BYTES: np.array([b""], object), ERROR: np.array([why], object)}
+
+
+def shard_rows(part: pa.RecordBatch, image_column: str, id_column: str, shard: str) -> dict[str, np.ndarray]:
+    """One record batch of ``shard`` -> {PATH, RELPATH, BYTES, ERROR} (see :func:`read_shard`)."""
+    ids = [None if v is None or v != v else str(v) for v in part.column(id_column).to_pylist()]  # v != v: NaN
+    missing = f"missing id: a row of {shard} has no {id_column}"
     return {
-        PATH: np.array([key or str(shard) for key, shard in zip(ids, shards)], dtype=object),
+        PATH: np.array([key or shard for key in ids], dtype=object),
         RELPATH: np.array([key or "" for key in ids], dtype=object),
-        BYTES: batch[image_column],
-        ERROR: np.array(["" if key else why for key, why in zip(ids, missing)], dtype=object),
+        BYTES: part.column(image_column).to_numpy(zero_copy_only=False),
+        ERROR: np.array(["" if key else missing for key in ids], dtype=object),
     }
 
 
@@ -677,25 +693,20 @@ def read_inputs(cfg: PredictConfig):
     """The inputs as a Dataset of {PATH, RELPATH} rows (plus BYTES, ERROR for shards); lazy.
 
     Folders and prefixes are listed by one Ray task per :func:`listing_units` unit, manifests
-    read by Ray tasks, shards by ``read_parquet`` in parallel: the driver holds no names.
+    read by Ray tasks, shards by :func:`read_shard` tasks: the driver holds no image names.
     """
     import ray
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    if cfg.image_column:
+    if cfg.image_column:  # one task per shard, reading it with pyarrow a record batch at a time
         shards = shard_files(cfg.input)
-        fs, _ = storage.filesystem(shards[0])
-        paths = [storage.filesystem(uri)[1] for uri in shards]
-        scheme = "s3://" if cfg.input.startswith("s3://") else ""
-        return ray.data.read_parquet(
-            paths, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=[cfg.image_column, cfg.id_column],
-            include_paths=True, file_extensions=None,
-        ).map_batches(
-            shard_rows, batch_format="numpy",
-            fn_kwargs={"image_column": cfg.image_column, "id_column": cfg.id_column, "scheme": scheme},
-        ).repartition(target_num_rows_per_block=cfg.decode_batch_size)  # fmt: skip
-        # a shard, like a listed folder below, is one block of thousands of rows: cut, so decoding
-        # spreads over tasks and the first masks do not wait for one task to decode it all
+        return (
+            ray.data.from_items([{"shard": uri} for uri in shards], override_num_blocks=len(shards))
+            .map_batches(
+                read_shard, batch_size=1, batch_format="numpy",
+                fn_kwargs={"image_column": cfg.image_column, "id_column": cfg.id_column, "rows": cfg.decode_batch_size},
+            )
+            .repartition(target_num_rows_per_block=cfg.decode_batch_size)
+        )  # fmt: skip
     if is_manifest(cfg.input):
         return (
             read_manifest_rows(cfg.input)

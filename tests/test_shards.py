@@ -40,6 +40,10 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
     rest = [*names[half:], None, "../escaped.jpg"]  # a row without an id; an id that would leave --output
     write_shard(f"{bucket}/shards/part-1.parquet", rest, [cases[n][0] if n in cases else encode_jpeg(photo()) for n in rest])
     write_shard(f"{bucket}/shards/other.parquet", ["never-read"], [encode_jpeg(photo())])  # outside the glob
+    storage.write_bytes(f"{bucket}/shards/part-2.parquet", encode_jpeg(photo()))  # not Parquet
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"key": ["no-image"]}), sink)  # no image column (the first shard has it)
+    storage.write_bytes(f"{bucket}/shards/part-3.parquet", sink.getvalue())
     output = f"{bucket}/out"
 
     cfg = PredictConfig(
@@ -49,7 +53,7 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
     summary = run_predict(cfg)
 
     rows = read_rows(output)
-    assert len(rows) == len(names) + 2
+    assert len(rows) == len(names) + 4
     by_path = {r[PATH]: r for r in rows}
     for name in names:
         row, expected = by_path[name], cases[name][1]
@@ -67,10 +71,13 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
     assert missing[ERROR].startswith("missing id: a row of") and "key" in missing[ERROR]
     assert by_path["../escaped.jpg"][ERROR].startswith("unsafe path:")
     assert "never-read" not in by_path
+    for shard in ("part-2", "part-3"):  # one row each, and the other shards went on
+        assert by_path[f"{bucket}/shards/{shard}.parquet"][ERROR].startswith("unreadable shard: ")
     assert summary.errors_by_reason == {
         "empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1, "missing id": 1, "unsafe path": 1,
+        "unreadable shard": 2,
     }  # fmt: skip
-    assert (summary.ok, summary.failed) == (len(names) - 4, 6)
+    assert (summary.ok, summary.failed) == (len(names) - 4, 8)
     assert all(storage.is_inside(u, output) for u in storage.list_files(bucket) if "/shards/" not in u)
 
     again = run_predict(cfg)  # resume: every id already has a row
