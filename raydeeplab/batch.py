@@ -6,7 +6,7 @@
 
 Inputs: a folder or prefix of images (listed by parallel Ray tasks: an S3 prefix split into key
 prefixes, a local folder by subfolder, so the driver never holds the names), a manifest of URIs
-(read by Ray tasks), or Parquet shards of encoded image bytes (``--image-column``,
+(read by a Ray task, a chunk at a time), or Parquet shards of encoded image bytes (``--image-column``,
 ``--id-column``: one Ray task per shard, a record batch at a time, never object by object).
 
 Outputs under ``OUT``:
@@ -60,7 +60,7 @@ from raydeeplab.data.images import (
     restore_mask,
     reuse_freed_memory,
 )
-from raydeeplab.data.manifests import is_manifest, manifest_format
+from raydeeplab.data.manifests import ManifestError, is_manifest, iter_manifest
 from raydeeplab.errors import UserError
 from raydeeplab.hub import keras_without_tensorflow
 from raydeeplab.tiling import SceneAssembler, TileGrid, check_tiling
@@ -105,15 +105,21 @@ PREDICTION_SCHEMA = pa.schema(
 # ---------------------------------------------------------------- driver side, no Ray
 
 
-def manifest_rows(batch: dict[str, np.ndarray], cwd: str) -> dict[str, np.ndarray]:
-    """A manifest's rows -> {PATH, RELPATH}: its ``path`` column (or its first; a text manifest's
-    lines), blanks dropped. The relative path is the entry's canonical location without the
-    scheme: local entries are made absolute against the driver's folder ``cwd`` (so ``..``
-    resolves the way the OS opens them, and workers in other folders read the same file); S3
-    keys stay literal and are checked on writing."""
-    values = batch[PATH] if PATH in batch else next(iter(batch.values()))
-    uris = [str(v).strip() for v in values if v is not None and v == v]  # v != v: NaN
-    uris = [u if storage.is_remote(u) else storage.normalize(os.path.join(cwd, os.path.expanduser(u.removeprefix("file://")))) for u in uris if u]
+def read_manifest_entries(batch: dict[str, np.ndarray], cwd: str):
+    """{"manifest": URI} -> {PATH, RELPATH} of its entries (:func:`manifest_rows`), a chunk of
+    :func:`iter_manifest` at a time: its ``path`` column, or its first, or its lines."""
+    for uri in map(str, batch["manifest"]):
+        for columns in iter_manifest(uri, (PATH,)):
+            yield manifest_rows(columns[PATH] if PATH in columns else next(iter(columns.values())), cwd)
+
+
+def manifest_rows(entries: list[str], cwd: str) -> dict[str, np.ndarray]:
+    """Manifest entries -> {PATH, RELPATH}, blanks dropped. The relative path is the entry's
+    canonical location without the scheme: local entries are made absolute against the driver's
+    folder ``cwd`` (so ``..`` resolves the way the OS opens them, and workers in other folders
+    read the same file); S3 keys stay literal and are checked on writing."""
+    uris = [u for u in (entry.strip() for entry in entries) if u]
+    uris = [u if storage.is_remote(u) else storage.normalize(os.path.join(cwd, os.path.expanduser(u.removeprefix("file://")))) for u in uris]
     return {PATH: np.array(uris, dtype=object), RELPATH: np.array([u.split("://", 1)[-1].lstrip("/") for u in uris], dtype=object)}
 
 
@@ -226,6 +232,11 @@ def check_predict_config(cfg: PredictConfig):
             check_shards(cfg)
         elif not storage.exists(cfg.input):
             raise ConfigError(f"--input {cfg.input}: {storage.why_missing(cfg.input)}")
+        elif is_manifest(cfg.input):  # its first rows, so a manifest that is not one fails here
+            try:
+                next(iter_manifest(cfg.input, (PATH,), rows=1))
+            except ManifestError as err:
+                raise ConfigError(f"--input {err}") from None
         folder = not shards and not is_manifest(cfg.input)
         if folder and not storage.has_files(cfg.input, IMAGE_EXTENSIONS):
             raise ConfigError(
@@ -675,25 +686,12 @@ def scene_task_memory(cfg: PredictConfig, image_size: int) -> int:
     return 128 * 2**20 + cfg.max_pixels * 3 * 2 + cfg.decode_batch_size * image_size * image_size * 3 * 2
 
 
-def read_manifest_rows(uri: str):
-    """The rows of a manifest (Parquet, CSV or text lines) as a Dataset, read by Ray tasks: the
-    driver never holds a list of ten million names."""
-    import ray
-
-    fs, path = storage.pyarrow_filesystem(uri), storage.filesystem(uri)[1]
-    kind = manifest_format(uri)
-    if kind == "text":
-        return ray.data.read_text(path, filesystem=fs)
-    if kind == "parquet":
-        return ray.data.read_parquet(path, filesystem=fs, file_extensions=None)
-    return ray.data.read_csv(path, filesystem=fs)
-
-
 def read_inputs(cfg: PredictConfig):
     """The inputs as a Dataset of {PATH, RELPATH} rows (plus BYTES, ERROR for shards); lazy.
 
-    Folders and prefixes are listed by one Ray task per :func:`listing_units` unit, manifests
-    read by Ray tasks, shards by :func:`read_shard` tasks: the driver holds no image names.
+    Folders and prefixes are listed by one Ray task per :func:`listing_units` unit, a manifest
+    read by one (:func:`read_manifest_entries`), shards by one each (:func:`read_shard`): the
+    driver holds no image names.
     """
     import ray
 
@@ -707,10 +705,10 @@ def read_inputs(cfg: PredictConfig):
             )
             .repartition(target_num_rows_per_block=cfg.decode_batch_size)
         )  # fmt: skip
-    if is_manifest(cfg.input):
+    if is_manifest(cfg.input):  # one task, reading the manifest a chunk at a time
         return (
-            read_manifest_rows(cfg.input)
-            .map_batches(manifest_rows, batch_format="numpy", fn_kwargs={"cwd": os.getcwd()})
+            ray.data.from_items([{"manifest": storage.normalize(cfg.input)}])
+            .map_batches(read_manifest_entries, batch_size=1, batch_format="numpy", fn_kwargs={"cwd": os.getcwd()})
             .repartition(target_num_rows_per_block=cfg.decode_batch_size)
         )
     root = storage.normalize(cfg.input)

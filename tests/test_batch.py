@@ -289,6 +289,7 @@ def test_child_refuses_names_that_leave_the_root(relpath, reason):
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--max-error-rate", "2"], "--max-error-rate must be <= 1.0, got 2.0"),
         (["--image-size", "100"], "--image-size must be a multiple of 32, got 100"),
+        (["--input", "{tmp}/list.parquet"], "list.parquet: not a readable manifest"),  # a JPEG so named
     ],
 )
 def test_bad_flags_fail_before_any_cluster_work(tmp_path, tiny_model, capsys, flags, message, monkeypatch):
@@ -296,10 +297,11 @@ def test_bad_flags_fail_before_any_cluster_work(tmp_path, tiny_model, capsys, fl
 
     (tmp_path / "in").mkdir()
     (tmp_path / "in/a.jpg").write_bytes(encode_jpeg(photo()))  # an empty --input fails first
+    (tmp_path / "list.parquet").write_bytes(encode_jpeg(photo()))
     started = []
     monkeypatch.setattr(raydeeplab.cli, "init_ray", lambda address: started.append(address))
     base = {"--input": str(tmp_path / "in"), "--output": str(tmp_path / "out"), "--model": tiny_model}
-    base.update(dict(zip(flags[::2], [v.format(input=tmp_path / "in") for v in flags[1::2]])))
+    base.update(dict(zip(flags[::2], [v.format(input=tmp_path / "in", tmp=tmp_path) for v in flags[1::2]])))
     argv = ["predict", *[x for kv in base.items() for x in kv]]
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -111,3 +111,26 @@ def test_manifests_are_read_by_ray_tasks_with_local_entries_resolved_against_the
     rows = read_inputs(PredictConfig(input=manifest, output=str(tmp_path / "out"), model="tiny")).take_all()
     assert sorted(row[PATH] for row in rows) == sorted(expected)
     assert sorted(row[RELPATH] for row in rows) == sorted(e.split("://", 1)[-1].lstrip("/") for e in expected)
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
+def test_a_long_manifest_is_read_in_chunks_that_add_up_to_pyarrows_whole_read(tmp_path, kind):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from raydeeplab.data.manifests import iter_manifest
+
+    entries = [f"s3://b/p/{i:07d} x.jpg" for i in range(150_000)]  # a space: a text line is one value
+    manifest = tmp_path / f"m.{kind}"
+    if kind == "txt":
+        manifest.write_text("\n".join(entries) + "\n")
+        reference = manifest.read_text().splitlines()
+    else:
+        table = pa.table({"id": range(len(entries)), "path": entries})
+        pq.write_table(table, manifest) if kind == "parquet" else pacsv.write_csv(table, manifest)
+        reference = (pq.read_table if kind == "parquet" else pacsv.read_csv)(manifest).column("path").to_pylist()
+
+    chunks = [chunk["path"] for chunk in iter_manifest(str(manifest), ("path",), rows=65536)]
+    assert [v for chunk in chunks for v in chunk] == reference == entries
+    assert len(chunks) >= 3 and max(map(len, chunks)) <= 65536  # never the whole list at once

@@ -4,8 +4,9 @@
 
 from __future__ import annotations
 
-import io
+from collections.abc import Iterator
 
+import pyarrow
 import pyarrow.csv
 import pyarrow.parquet
 
@@ -31,32 +32,59 @@ def manifest_format(uri: str) -> str:
 
 
 def read_manifest(uri: str, text_columns: tuple[str, ...]) -> dict[str, list[str]]:
-    """Column name -> values (as strings, in file order).
+    """Column name -> values (as strings, in file order): :func:`iter_manifest`, whole."""
+    columns: dict[str, list[str]] = {}
+    for chunk in iter_manifest(uri, text_columns):
+        for name, values in chunk.items():
+            columns.setdefault(name, []).extend(values)
+    return columns
+
+
+def iter_manifest(uri: str, text_columns: tuple[str, ...], rows: int = 65536) -> Iterator[dict[str, list[str]]]:
+    """The manifest's columns (name -> values as strings, a null as ""), ``rows`` rows at a time
+    (CSV: a block of pyarrow's, 1 MiB), so a list of ten million paths is never held whole; an
+    empty manifest is one chunk of empty columns.
 
     CSV (header row) and Parquet keep their own column names. A ``.txt`` manifest has one row
     per line, named ``text_columns``: with one column the whole line is the value (a path may
     hold spaces), with several the line splits on whitespace into exactly that many fields.
     """
-    kind = manifest_format(uri)
-    if kind == "text":
-        return read_text(uri, text_columns)
-    data = io.BytesIO(storage.read_bytes(uri))
-    try:
-        if kind == "parquet":
-            table = pyarrow.parquet.read_table(data)
-        else:
-            table = pyarrow.csv.read_csv(data)
-    except pyarrow.ArrowInvalid as err:
-        raise ManifestError(f"{uri}: not a readable manifest ({err})") from None
-    return {name: ["" if v is None else str(v) for v in table.column(name).to_pylist()] for name in table.column_names}
+    if manifest_format(uri) == "text":
+        yield from iter_text(uri, text_columns, rows)
+        return
+    fs, path = storage.filesystem(uri)
+    with fs.open(path, "rb") as f:
+        try:
+            if manifest_format(uri) == "parquet":
+                parquet = pyarrow.parquet.ParquetFile(f)
+                names, batches = parquet.schema_arrow.names, parquet.iter_batches(batch_size=rows)
+            else:
+                batches = pyarrow.csv.open_csv(f)
+                names = batches.schema.names
+            empty = True
+            for batch in batches:
+                empty = False
+                yield {name: ["" if v is None else str(v) for v in column.to_pylist()] for name, column in zip(names, batch.columns)}
+        except pyarrow.ArrowInvalid as err:
+            raise ManifestError(f"{uri}: not a readable manifest ({err})") from None
+    if empty:
+        yield {name: [] for name in names}
 
 
-def read_text(uri: str, columns: tuple[str, ...]) -> dict[str, list[str]]:
-    rows = []
+def iter_text(uri: str, columns: tuple[str, ...], rows: int) -> Iterator[dict[str, list[str]]]:
+    fields, number = [], 0
     for number, line in enumerate(storage.iter_lines(uri), 1):
-        fields = [line] if len(columns) == 1 else line.split()
-        if len(fields) != len(columns):
+        values = [line] if len(columns) == 1 else line.split()
+        if len(values) != len(columns):
             expected = " ".join(columns)
             raise ManifestError(f"{uri}:{number}: expected {expected!r}, got {line!r}")
-        rows.append(fields)
-    return {name: [row[i] for row in rows] for i, name in enumerate(columns)}
+        fields.append(values)
+        if len(fields) == rows:
+            yield text_rows(fields, columns)
+            fields = []
+    if fields or not number:  # an empty manifest still has its columns
+        yield text_rows(fields, columns)
+
+
+def text_rows(fields: list[list[str]], columns: tuple[str, ...]) -> dict[str, list[str]]:
+    return {name: [row[i] for row in fields] for i, name in enumerate(columns)}
