@@ -177,8 +177,7 @@ def check_shards(cfg: PredictConfig) -> list[str]:
     shards = shard_files(cfg.input)
     if not shards:
         raise ConfigError(f"--input {cfg.input}: no .parquet shards match; check the path, folder or glob")
-    fs, path = storage.filesystem(shards[0])
-    with fs.open(path, "rb") as f:
+    with storage.open_input(shards[0]) as f:
         columns = pq.read_schema(f).names
     for flag, column in (("--image-column", cfg.image_column), ("--id-column", cfg.id_column)):
         if column not in columns:
@@ -192,9 +191,8 @@ def read_shard(batch: dict[str, np.ndarray], image_column: str, id_column: str, 
     with "missing id"; a shard that cannot be read (not Parquet, a column missing) is one failed
     row named by its URI, after whatever it yielded, and the other shards go on."""
     for uri in map(str, batch["shard"]):
-        fs, path = storage.filesystem(uri)
         try:
-            with fs.open(path, "rb") as f:
+            with storage.open_input(uri) as f:
                 for part in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[image_column, id_column]):
                     yield shard_rows(part, image_column, id_column, uri)
         except Exception as err:  # pyarrow's ArrowInvalid/ArrowException, OSError, botocore errors...

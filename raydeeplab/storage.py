@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import logging
 import os
 import posixpath
@@ -353,9 +354,44 @@ class UploadOnClose:
             self.spool.close()
 
 
-def iter_lines(uri: str) -> Iterator[str]:
+def open_input(uri: str, text: bool = False) -> io.BufferedReader | io.TextIOWrapper:
+    """``uri`` opened for streaming reads (a manifest, a Parquet shard), its open and every read
+    under :func:`retrying`, as whole-object reads are: s3fs and botocore alone give up on a store
+    that refuses connections for a few seconds."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rt") as f:
+    reader = io.BufferedReader(RetryingReads(retrying(lambda: fs.open(path, "rb"), uri), uri))
+    return io.TextIOWrapper(reader, encoding="utf-8") if text else reader
+
+
+class RetryingReads(io.RawIOBase):
+    """An fsspec file whose reads are retried; a read that fails leaves the position unchanged,
+    so trying again is safe."""
+
+    def __init__(self, file, uri: str):
+        self.file, self.uri = file, uri
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        return retrying(lambda: self.file.readinto(buffer), self.uri)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def iter_lines(uri: str) -> Iterator[str]:
+    with open_input(uri, text=True) as f:
         for line in f:
             line = line.strip()
             if line:

@@ -423,6 +423,32 @@ def test_store_outage_and_throttling_are_retried_and_nothing_is_lost(own_store, 
     )
 
 
+def test_a_manifest_and_a_shard_opened_while_the_store_is_down_are_read_once_it_is_back(own_store, monkeypatch):
+    """Streaming reads (a manifest, a Parquet shard) retry their open like whole-object reads do:
+    s3fs and botocore alone give up on a store that refuses connections for a few seconds."""
+    import numpy as np
+    import pyarrow as pa
+
+    from raydeeplab.batch import read_shard
+    from raydeeplab.data.manifests import iter_manifest
+
+    entries = [f"s3://data/in/{i}.jpg" for i in range(100)]
+    storage.write_bytes("s3://data/m.txt", "\n".join(entries).encode())
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"key": ["a", "b"], "jpeg": [encode_jpeg(photo()), b""]}), sink)
+    storage.write_bytes("s3://data/s.parquet", sink.getvalue().to_pybytes())
+    monkeypatch.setenv("AWS_ENDPOINT_URL", own_store.endpoint)  # from now on through the proxy
+    for read in (
+        lambda: [v for chunk in iter_manifest("s3://data/m.txt", ("path",)) for v in chunk["path"]],
+        lambda: [list(rows[PATH]) for rows in read_shard({"shard": np.array(["s3://data/s.parquet"])}, "jpeg", "key", 64)],
+    ):
+        own_store.set_mode("down")
+        threading.Timer(OUTAGE_SECONDS, own_store.set_mode, ["up"]).start()
+        started = time.monotonic()
+        assert read() in (entries, [["a", "b"]])
+        assert time.monotonic() - started >= OUTAGE_SECONDS - 1  # it waited for the store
+
+
 @pytest.mark.large  # a CLI run with its own Ray: minutes on 2 busy cores
 def test_masks_are_written_while_later_inputs_are_still_being_read(own_store, tmp_path, tiny_model):
     """On 2 CPUs Ray Data 2.60 reserves CPUs for upstream operators first: the write tasks got

@@ -52,8 +52,7 @@ def iter_manifest(uri: str, text_columns: tuple[str, ...], rows: int = 65536) ->
     if manifest_format(uri) == "text":
         yield from iter_text(uri, text_columns, rows)
         return
-    fs, path = storage.filesystem(uri)
-    with fs.open(path, "rb") as f:
+    with storage.open_input(uri) as f:
         try:
             if manifest_format(uri) == "parquet":
                 parquet = pyarrow.parquet.ParquetFile(f)
