@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, 
             time.sleep(0.2)
     finally:
         kill_whole_run(victim, ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)  # the killed Ray's session folder
 
     summary = run_predict(PredictConfig(input=str(tmp_path / "in"), output=str(out), model=tiny_model, batch_size=2))
     assert 0 < summary.skipped < len(inputs), "the kill must land mid-way for this test to mean anything"
