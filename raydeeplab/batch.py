@@ -230,12 +230,13 @@ def check_predict_config(cfg: PredictConfig):
             check_shards(cfg)
         elif not storage.exists(cfg.input):
             raise ConfigError(f"--input {cfg.input}: {storage.why_missing(cfg.input)}")
-        elif is_manifest(cfg.input):  # its first rows, so a manifest that is not one fails here
+        manifest = not shards and is_manifest(cfg.input)  # on S3 a request: asked once
+        if manifest:  # its first rows, so a manifest that is not one fails here
             try:
                 next(iter_manifest(cfg.input, (PATH,), rows=1))
             except ManifestError as err:
                 raise ConfigError(f"--input {err}") from None
-        folder = not shards and not is_manifest(cfg.input)
+        folder = not shards and not manifest
         if folder and not storage.has_files(cfg.input, IMAGE_EXTENSIONS):
             raise ConfigError(
                 f"--input {cfg.input}: no images under it ({', '.join(IMAGE_EXTENSIONS)}); "

@@ -49,12 +49,13 @@ def iter_manifest(uri: str, text_columns: tuple[str, ...], rows: int = 65536) ->
     per line, named ``text_columns``: with one column the whole line is the value (a path may
     hold spaces), with several the line splits on whitespace into exactly that many fields.
     """
-    if manifest_format(uri) == "text":
+    kind = manifest_format(uri)
+    if kind == "text":
         yield from iter_text(uri, text_columns, rows)
         return
     with storage.open_input(uri) as f:
         try:
-            if manifest_format(uri) == "parquet":
+            if kind == "parquet":
                 parquet = pyarrow.parquet.ParquetFile(f)
                 names, batches = parquet.schema_arrow.names, parquet.iter_batches(batch_size=rows)
             else:
