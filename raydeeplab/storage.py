@@ -300,10 +300,13 @@ def pyarrow_filesystem(uri: str) -> pyarrow.fs.PyFileSystem:
 
 
 class RetryingHandler(pyarrow.fs.FSSpecHandler):
-    """fsspec behind pyarrow, each call under :func:`retrying`; writes spool to local disk and
-    upload whole on close (:class:`UploadOnClose`)."""
+    """fsspec behind pyarrow, each call under :func:`retrying`; files opened for reading retry
+    each read too (a checkpoint is downloaded one 50 MiB GET at a time); writes spool to local
+    disk and upload whole on close (:class:`UploadOnClose`)."""
 
-    UNRETRIED = ("fs", "uri", "get_type_name", "normalize_path", "open_output_stream")
+    UNRETRIED = (
+        "fs", "uri", "get_type_name", "normalize_path", "open_input_stream", "open_input_file", "open_output_stream",
+    )  # fmt: skip
 
     def __init__(self, fs: fsspec.AbstractFileSystem, uri: str):
         super().__init__(fs)
@@ -318,6 +321,11 @@ class RetryingHandler(pyarrow.fs.FSSpecHandler):
             return method
         uri = super().__getattribute__("uri")
         return lambda *args: retrying(lambda: method(*args), uri)
+
+    def open_input_stream(self, path):
+        return pyarrow.PythonFile(reader(self.fs, path, self.uri), mode="r")
+
+    open_input_file = open_input_stream
 
     def open_output_stream(self, path, metadata):
         return pyarrow.PythonFile(UploadOnClose(self.fs, path, self.uri), mode="w")
@@ -358,9 +366,13 @@ def open_input(uri: str, text: bool = False) -> io.BufferedReader | io.TextIOWra
     """``uri`` opened for streaming reads (a manifest, a Parquet shard), its open and every read
     under :func:`retrying`, as whole-object reads are: s3fs and botocore alone give up on a store
     that refuses connections for a few seconds."""
-    fs, path = filesystem(uri)
-    reader = io.BufferedReader(RetryingReads(retrying(lambda: fs.open(path, "rb"), uri), uri))
-    return io.TextIOWrapper(reader, encoding="utf-8") if text else reader
+    binary = reader(*filesystem(uri), uri)
+    return io.TextIOWrapper(binary, encoding="utf-8") if text else binary
+
+
+def reader(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> io.BufferedReader:
+    """``path`` in ``fs`` (the store of ``uri``) opened, and read, under :func:`retrying`."""
+    return io.BufferedReader(RetryingReads(retrying(lambda: fs.open(path, "rb"), uri), uri))
 
 
 class RetryingReads(io.RawIOBase):

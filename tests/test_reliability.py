@@ -70,6 +70,8 @@ class FaultyProxy:
     def set_mode(self, mode: str) -> None:
         """Switch, cutting open connections so that pooled keep-alive ones meet the new mode too."""
         if mode == "down" and self.server is not None:
+            with contextlib.suppress(OSError):  # wakes the thread in accept(), which kept the socket listening
+                self.server.shutdown(socket.SHUT_RDWR)
             self.server.close()
             self.server = None
         elif mode != "down" and self.server is None:
@@ -447,6 +449,31 @@ def test_a_manifest_and_a_shard_opened_while_the_store_is_down_are_read_once_it_
         started = time.monotonic()
         assert read() in (entries, [["a", "b"]])
         assert time.monotonic() - started >= OUTAGE_SECONDS - 1  # it waited for the store
+
+
+def test_a_checkpoint_file_read_by_ray_train_while_the_store_goes_down_is_read_whole(own_store, monkeypatch):
+    """Ray Train downloads a checkpoint through :func:`storage.pyarrow_filesystem` as a stream,
+    one GET per 50 MiB block (s3fs' read-ahead): a store down between two blocks must be waited
+    out, as whole-object reads are, not end the restore."""
+    import pyarrow.fs
+
+    block = storage.filesystem("s3://")[0].default_block_size
+    weights = os.urandom(block + 8 * 2**20)  # the 2nd GET comes after the first 50 MiB
+    storage.write_bytes("s3://data/ckpt/model.weights.h5", weights)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", own_store.endpoint)
+    fs = storage.pyarrow_filesystem("s3://data/ckpt")
+    with fs.open_input_stream("data/ckpt/model.weights.h5") as stream:  # as pyarrow.fs.copy_files reads
+        head = stream.read(2**20)
+        own_store.set_mode("down")
+        threading.Timer(OUTAGE_SECONDS, own_store.set_mode, ["up"]).start()
+        started = time.monotonic()
+        rest = stream.read()
+    assert head + rest == weights
+    assert time.monotonic() - started >= OUTAGE_SECONDS - 1  # it waited for the store
+    local = tempfile.mkdtemp()
+    pyarrow.fs.copy_files("data/ckpt", local, source_filesystem=fs)  # and the whole download
+    with open(os.path.join(local, "model.weights.h5"), "rb") as f:
+        assert f.read() == weights
 
 
 @pytest.mark.large  # a CLI run with its own Ray: minutes on 2 busy cores
