@@ -163,7 +163,7 @@ class SceneAssembler:
         pieces, start = [], 0
         for rows, cols in band_pieces(size, low):
             shape = (rows.stop - rows.start, cols.stop - cols.start)
-            pieces.append(bands[start : start + shape[0] * shape[1]].reshape(*shape, -1))
+            pieces.append(bands[start : start + shape[0] * shape[1]].reshape(*shape, bands.shape[-1]))
             start += shape[0] * shape[1]
         top, bottom, left, right = pieces
         for ly in range(3):

@@ -32,9 +32,11 @@ def tile_outputs(grid: TileGrid, p: np.ndarray, index: int):
     return np.argmax(p, -1).astype(np.uint8), bands.astype(np.float16), top.sum(), (top < LOW_CONFIDENCE).sum()
 
 
-@pytest.mark.parametrize("shape", [(150, 230), (40, 41), (64, 64), (200, 97)])
-def test_any_arrival_order_gives_the_float64_blend(shape):
-    grid = TileGrid(*shape, tile=64, overlap=12)
+@pytest.mark.parametrize(
+    "shape, overlap", [((150, 230), 12), ((40, 41), 12), ((64, 64), 12), ((200, 97), 12), ((150, 230), 0), ((64, 64), 0)]
+)
+def test_any_arrival_order_gives_the_float64_blend(shape, overlap):
+    grid = TileGrid(*shape, tile=64, overlap=overlap)
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(len(grid), 64, 64, 4)) * 3
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
@@ -95,11 +97,12 @@ def split_pattern(mask_of, side: int) -> np.ndarray:
     pytest.fail("none of 100 patterns gives the tiny model two classes")
 
 
-def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_seams(segmenter):
+@pytest.mark.parametrize("overlap", [16, 0])
+def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_seams(segmenter, overlap):
     """Reference: the keras-hub model itself (``training=False``) on each tile, softmax and blend in
     float64 numpy. The scene repeats one tile-sized pattern, so every tile centre must also equal
     the pattern's own mask: a misplaced or seamed tile shows."""
-    size, overlap = segmenter.image_size, 16
+    size = segmenter.image_size
     pattern = split_pattern(lambda p: segmenter.predict(np.tile(p, (2, 2, 1))[None, :size, :size]), size - overlap)
     scene = np.tile(pattern, (4, 5, 1))[:170, :230]
     grid = TileGrid(*scene.shape[:2], size, overlap)
