@@ -291,7 +291,10 @@ VERBS = {
 def root_cause(err: BaseException) -> BaseException:
     """The first :class:`UserError` (it already says what to do), else the innermost exception with
     a message: Ray wraps a worker's error in task, actor and worker-group errors, and Ray Data
-    adds an empty ``SystemException`` as the cause."""
+    adds an empty ``SystemException`` as the cause. A function that failed inside Ray Data is the
+    exception, and its traceback text, of the task (see :func:`failure_line`)."""
+    from ray.exceptions import UserCodeException
+
     found, seen = err, set()
     while isinstance(err, BaseException) and id(err) not in seen:
         if isinstance(err, UserError):  # Ray's RayTaskError(UserError) prints as the worker's traceback
@@ -299,6 +302,8 @@ def root_cause(err: BaseException) -> BaseException:
         seen.add(id(err))
         found = err if str(err).strip() else found
         cause = getattr(err, "cause", None)  # RayTaskError: the task's own exception
+        if isinstance(cause, UserCodeException):  # Ray Data's wrapper: "UDF failed", retry advice
+            return err
         err = (
             (cause if isinstance(cause, BaseException) else None)
             or next(iter(getattr(err, "worker_failures", {}).values()), None)  # Ray Train workers
@@ -310,8 +315,14 @@ def root_cause(err: BaseException) -> BaseException:
 
 def failure_line(err: BaseException) -> str:
     """``Type: message`` of what failed; a worker's error often reaches the driver only as the
-    text of its traceback, whose last line is that."""
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    text of its traceback, whose last line is that (before Ray Data's ``UserCodeException``,
+    raised from it)."""
+    from ray.exceptions import UserCodeException
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
+    if isinstance(err, UserCodeException):
+        text = text.rsplit("The above exception was the direct cause of the following exception:", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if len(lines) > 1:
         return lines[-1]
     return f"{type(err).__name__}: {lines[0] if lines else ''}"

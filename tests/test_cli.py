@@ -141,6 +141,21 @@ def test_a_failure_inside_ray_ends_with_one_line_naming_the_logs(workspace, trai
     assert Path(re.search(r"Ray's logs in (\S+)\)", errors[0]).group(1)).is_dir()
 
 
+def test_a_crash_inside_a_ray_data_function_is_named_by_its_own_error(ray_local):
+    """Ray Data raises a failing function's exception as ``UserCodeException``, whose message is
+    only retry advice ("To change retry attempts, ..."), which was the whole failure line."""
+    import ray.data
+
+    from raydeeplab.cli import failure_line, root_cause
+
+    def crash(batch):
+        return np.zeros(0).reshape(0, 64, -1)
+
+    with pytest.raises(Exception) as caught:
+        ray.data.range(4).map_batches(crash).materialize()
+    assert failure_line(root_cause(caught.value)).startswith("ValueError: cannot reshape array of size 0")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
