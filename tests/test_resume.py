@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -16,25 +15,7 @@ from raydeeplab.batch import PATH, run_predict
 from raydeeplab.config import PredictConfig
 from raydeeplab.data.images import decode_mask_png
 from tests.test_batch import read_rows, write_photos
-from tests.test_security import marked_pids, own_ray_env, short_tmp
-
-
-def kill_whole_run(process: subprocess.Popen, ray_tmp: str, timeout_s: float = 60) -> None:
-    """SIGKILL the CLI and every process of its Ray, and return once none is alive, as when a
-    machine or pod dies. Ray's workers have their own process groups: left alive, one finishes
-    the write it had begun (seen here 9 ms after its driver died), after a rerun started
-    meanwhile has already listed what is done, and those inputs get two rows."""
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    deadline = time.monotonic() + timeout_s
-    while pids := marked_pids(ray_tmp):
-        assert time.monotonic() < deadline, f"processes of the killed run still alive after {timeout_s} s: {pids}"
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
+from tests.test_security import kill_run, own_ray_env, short_tmp
 
 
 def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, tmp_path, tiny_model):
@@ -54,7 +35,9 @@ def test_sigkilled_run_resumes_without_duplicates_or_truncated_files(ray_local, 
             assert time.monotonic() < deadline, "no output after 300 s"
             time.sleep(0.2)
     finally:
-        kill_whole_run(victim, ray_tmp)
+        # As when a machine dies: every process of the run, and none left to finish a write after
+        # the rerun below has listed what is done (those inputs got two rows).
+        kill_run(victim, ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)  # the killed Ray's session folder
 
     summary = run_predict(PredictConfig(input=str(tmp_path / "in"), output=str(out), model=tiny_model, batch_size=2))

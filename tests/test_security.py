@@ -9,6 +9,7 @@ figures on a ``FIGURE`` line (``pytest -s``); README's "Security" section quotes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -174,19 +175,33 @@ def cmdline(pid: int) -> str:
 
 
 def stop(process: subprocess.Popen, ray_tmp: str) -> None:
-    """SIGINT (Ctrl-C) the CLI, then end whatever it left of its Ray, by pid."""
+    """SIGINT (Ctrl-C) the CLI, then end whatever it left of its Ray."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGINT)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    for pid in marked_pids(ray_tmp):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_run(process, ray_tmp)
+
+
+def kill_run(process: subprocess.Popen, ray_tmp: str) -> None:
+    """SIGKILL the CLI ``process`` and every process of its Ray (:func:`kill_marked`)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    kill_marked(ray_tmp)
+
+
+def kill_marked(ray_tmp: str, timeout_s: float = 60) -> None:
+    """SIGKILL every process marked for ``ray_tmp`` and return once none is alive. Ray's workers
+    have process groups of their own: killing the CLI's group left them running for 2-3 s, and
+    one finished a write it had begun 9 ms after its driver died (tests/test_resume.py)."""
+    deadline = time.monotonic() + timeout_s
+    while pids := marked_pids(ray_tmp):
+        assert time.monotonic() < deadline, f"processes of {ray_tmp} still alive after {timeout_s} s: {pids}"
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 def files_holding(root: str | Path, secret: str) -> list[str]:
@@ -436,8 +451,7 @@ def test_predict_refuses_bombs_as_rows_and_keeps_the_secret_key_out_of_run_json_
             [SCRIPT, "predict", "--input", f"{bucket}/in", "--output", "out", "--model", tiny_model],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
-        for pid in marked_pids(ray_tmp):  # what the finished CLI's Ray left, if anything
-            os.kill(pid, signal.SIGKILL)
+        kill_marked(ray_tmp)  # what the finished CLI's Ray left, if anything
         assert run.returncode == 0, run.stderr
         assert f"its logs: {ray_tmp}" in run.stdout  # the folder the CLI names is the one searched
         rows = pq.read_table(tmp_path / "out" / "predictions").to_pylist()

@@ -22,7 +22,7 @@ from PIL import Image
 
 from raydeeplab.data.images import decode_mask_png
 from tests.test_cli import SCRIPT
-from tests.test_security import cli_env, marked_pids, own_ray_env, short_tmp
+from tests.test_security import cli_env, kill_run, marked_pids, own_ray_env, short_tmp
 
 K8S_GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds: SIGKILL follows after it
 DRAIN_S = 10  # the server's --graceful-shutdown-timeout-s
@@ -63,14 +63,7 @@ class Server:
 
     def close(self) -> None:
         """SIGKILL whatever is left of the CLI and its Ray (by pid; nothing else is touched)."""
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
-        for pid in marked_pids(self.ray_tmp):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_run(self.process, self.ray_tmp)
 
 
 def free_port() -> int:
@@ -156,11 +149,7 @@ def sigterm_once(cwd: Path, flags: list[str], ready) -> tuple[int, str, list[int
         time.sleep(2)
         return code, stderr, [pid for pid in marked_pids(ray_tmp) if pid != run.pid]
     finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-            run.wait()
-        for pid in marked_pids(ray_tmp):
-            os.kill(pid, signal.SIGKILL)
+        kill_run(run, ray_tmp)
 
 
 @pytest.mark.large  # a CLI run with its own Ray, stopped: minutes on 2 cores (pytest -m large)
