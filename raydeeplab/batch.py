@@ -78,6 +78,7 @@ CONFIDENCE, LOW_FRACTION = "confidence", "low_confidence_fraction"
 # --tile: a tile's index in its scene (-1: the scene's one failed row), its device outputs, and an
 # assembled scene's mask as raw (H * W) uint8 bytes with the assembler's peak memory so far
 TILE, TOP_SUM, LOW_COUNT, BANDS = "tile", "top_sum", "low_count", "bands"
+SCENE = "scene"  # --tile: a digest of the scene's bytes; with PATH, the assembler its tiles join
 SCENE_MASK, ASSEMBLY_BYTES, ASSEMBLER_RSS = "scene_mask", "assembly_bytes", "assembler_rss"
 MASKS_DIR, OVERLAYS_DIR, PREDICTIONS_DIR, RUN_SUMMARY = "masks", "overlays", "predictions", "_run.json"
 # a prefix is listed by this many Ray tasks per cluster CPU (at least 8), each a key prefix:
@@ -178,23 +179,36 @@ def check_shards(cfg: PredictConfig) -> list[str]:
     if not shards:
         raise ConfigError(f"--input {cfg.input}: no .parquet shards match; check the path, folder or glob")
     with storage.open_input(shards[0]) as f:
-        columns = pq.read_schema(f).names
+        schema = pq.read_schema(f)
     for flag, column in (("--image-column", cfg.image_column), ("--id-column", cfg.id_column)):
-        if column not in columns:
-            raise ConfigError(f"{flag} {column!r} is not a column of {shards[0]}; its columns are {', '.join(columns)}")
+        if column not in schema.names:
+            raise ConfigError(f"{flag} {column!r} is not a column of {shards[0]}; its columns are {', '.join(schema.names)}")
+    kind = schema.field(cfg.image_column).type
+    if not (pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or image_struct(kind)):
+        raise ConfigError(
+            f"--image-column {cfg.image_column!r} of {shards[0]} is {kind}: it must hold encoded image bytes "
+            "(binary, or a struct with a binary 'bytes' field, as Hugging Face datasets writes images)"
+        )
     return shards
+
+
+def image_struct(kind: pa.DataType) -> bool:
+    """Hugging Face ``datasets``' Image feature in Parquet: ``struct<bytes: binary, path: string>``."""
+    return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and pa.types.is_binary(kind.field("bytes").type)
 
 
 def read_shard(batch: dict[str, np.ndarray], image_column: str, id_column: str, rows: int):
     """{"shard": URI} -> its rows as {PATH: id, RELPATH: id, BYTES, ERROR}, ``rows`` at a time
-    (one Parquet record batch each). A row without an id keeps the shard's URI as PATH and fails
-    with "missing id"; a shard that cannot be read (not Parquet, a column missing) is one failed
-    row named by its URI, after whatever it yielded, and the other shards go on."""
+    (one Parquet record batch each). A row without an id fails with "missing id", its PATH the
+    shard's URI and row number (``URI#17``); a shard that cannot be read (not Parquet, a column
+    missing) is one failed row named by its URI, after whatever it yielded, and the other shards go on."""
     for uri in map(str, batch["shard"]):
         try:
             with storage.open_input(uri) as f:
+                first = 0
                 for part in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=[image_column, id_column]):
-                    yield shard_rows(part, image_column, id_column, uri)
+                    yield shard_rows(part, image_column, id_column, uri, first)
+                    first += part.num_rows
         except Exception as err:  # pyarrow's ArrowInvalid/ArrowException, OSError, botocore errors...
             if (failure := storage.store_failure(err, "--input", uri, "read")) is not None:
                 raise failure from err
@@ -202,23 +216,32 @@ def read_shard(batch: dict[str, np.ndarray], image_column: str, id_column: str, 
             yield {PATH: np.array([uri], object), RELPATH: np.array([""], object), BYTES: np.array([b""], object), ERROR: np.array([why], object)}
 
 
-def shard_rows(part: pa.RecordBatch, image_column: str, id_column: str, shard: str) -> dict[str, np.ndarray]:
-    """One record batch of ``shard`` -> {PATH, RELPATH, BYTES, ERROR} (see :func:`read_shard`)."""
+def shard_rows(part: pa.RecordBatch, image_column: str, id_column: str, shard: str, first: int = 0) -> dict[str, np.ndarray]:
+    """One record batch of ``shard``, its rows numbered from ``first`` -> {PATH, RELPATH, BYTES,
+    ERROR} (see :func:`read_shard`)."""
     ids = [None if v is None or v != v else str(v) for v in part.column(id_column).to_pylist()]  # v != v: NaN
-    missing = f"missing id: a row of {shard} has no {id_column}"
+    numbers = range(first, first + len(ids))
+    images = part.column(image_column)
+    if image_struct(images.type):
+        images = images.field("bytes")
     return {
-        PATH: np.array([key or shard for key in ids], dtype=object),
+        PATH: np.array([key or f"{shard}#{n}" for key, n in zip(ids, numbers)], dtype=object),
         RELPATH: np.array([key or "" for key in ids], dtype=object),
-        BYTES: part.column(image_column).to_numpy(zero_copy_only=False),
-        ERROR: np.array(["" if key else missing for key in ids], dtype=object),
+        BYTES: images.to_numpy(zero_copy_only=False),
+        ERROR: np.array(["" if key else f"missing id: row {n} of {shard} has no {id_column}" for key, n in zip(ids, numbers)], dtype=object),
     }
 
 
 def read_mask(row: dict) -> np.ndarray:
     """A predictions row -> its (H, W) uint8 mask: from ``mask_png`` when the table holds it,
-    else from the PNG at ``mask_path``."""
-    data = row.get(MASK_PNG) or storage.read_bytes(row[MASK_PATH])
-    return decode_mask_png(data)
+    else from the PNG at ``mask_path``. The row's own size bounds the decode (a tiled scene's
+    mask may pass ``--max-pixels``' default)."""
+    if row.get(ERROR) or not (row.get(MASK_PNG) or row.get(MASK_PATH)):
+        raise ValueError(f"{row.get(PATH)}: this row has no mask ({row.get(ERROR) or 'mask_png and mask_path are empty'})")
+    mask = decode_mask_png(row.get(MASK_PNG) or storage.read_bytes(row[MASK_PATH]), max(MAX_PIXELS, row[HEIGHT] * row[WIDTH]))
+    if mask.shape != (row[HEIGHT], row[WIDTH]):
+        raise ValueError(f"{row[PATH]}: mask is {mask.shape[1]}x{mask.shape[0]}, the row says {row[WIDTH]}x{row[HEIGHT]}")
+    return mask
 
 
 def check_predict_config(cfg: PredictConfig):
@@ -309,9 +332,9 @@ def decode_input(uri, encoded: bytes | None, failed, i: int, max_pixels: int) ->
 
 def split_tiles(batch: dict[str, np.ndarray], tile: int, overlap: int, max_pixels: int, keep_bytes: bool, chunk: int):
     """Scenes -> one row per tile (:class:`TileGrid`, raster order), yielded ``chunk`` rows at a time:
-    {PATH, RELPATH, TILE, IMAGE (S, S, 3) uint8, BOX (the tile's centre box), HEIGHT, WIDTH (the
-    scene's), ERROR}, and BYTES (the encoded scene on its tile 0, for --overlays). A scene that fails
-    to decode is one row, TILE -1. Each scene is decoded once; a task holds it and one chunk."""
+    {PATH, RELPATH, SCENE, TILE, IMAGE (S, S, 3) uint8, BOX (the tile's centre box), HEIGHT, WIDTH
+    (the scene's), ERROR}, and BYTES (the encoded scene on its tile 0, for --overlays). A scene that
+    fails to decode is one row, TILE -1. Each scene is decoded once; a task holds it and one chunk."""
     reuse_freed_memory()
     encoded, failed = batch.pop(BYTES, None), batch.get(ERROR)
     rows: list[dict] = []
@@ -320,9 +343,10 @@ def split_tiles(batch: dict[str, np.ndarray], tile: int, overlap: int, max_pixel
         try:
             image, data = decode_input(uri, None if encoded is None else encoded[i], failed, i, max_pixels)
         except ImageError as err:
-            rows.append({**scene, TILE: -1, IMAGE: None, BOX: (0, 0, 0, 0), HEIGHT: 0, WIDTH: 0, ERROR: str(err)})
+            rows.append({**scene, SCENE: "", TILE: -1, IMAGE: None, BOX: (0, 0, 0, 0), HEIGHT: 0, WIDTH: 0, ERROR: str(err)})
             continue
         grid = TileGrid(*image.shape[:2], tile, overlap)
+        scene[SCENE] = hashlib.blake2b(data, digest_size=8).hexdigest()  # two scenes under one id stay apart
         for index in range(len(grid)):
             rows.append({
                 **scene, TILE: index, IMAGE: grid.crop(image, index), BOX: grid.centre_box(index),
@@ -341,6 +365,7 @@ def tile_batch(rows: list[dict], tile: int, keep_bytes: bool) -> dict[str, np.nd
     out = {
         PATH: np.array([r[PATH] for r in rows], object),
         RELPATH: np.array([r[RELPATH] for r in rows], object),
+        SCENE: np.array([r[SCENE] for r in rows], object),
         TILE: np.array([r[TILE] for r in rows], np.int32),
         IMAGE: np.stack([blank if r[IMAGE] is None else r[IMAGE] for r in rows]),
         BOX: np.array([r[BOX] for r in rows], np.int32),
@@ -448,11 +473,13 @@ class MaskAssembler:
     def __init__(self, tile: int, overlap: int, num_classes: int, low_confidence: float, keep_bytes: bool):
         self.tile, self.overlap, self.num_classes, self.keep_bytes = tile, overlap, num_classes, keep_bytes
         self.low_confidence = low_confidence  # segmenter.LOW_CONFIDENCE, passed in: no keras in this process
-        self.scenes: dict[str, tuple[SceneAssembler, dict]] = {}  # PATH -> (assembler, RELPATH and BYTES)
+        # (PATH, SCENE) -> [(assembler, RELPATH and BYTES)]: more than one when the same scene
+        # comes twice (a file listed twice); a tile joins the first copy without its index
+        self.scenes: dict[tuple[str, str], list[tuple[SceneAssembler, dict]]] = {}
         self.peak_bytes = 0
 
     def held_bytes(self) -> int:
-        return sum(a.mask.nbytes + a.open_bytes + len(kept[BYTES]) for a, kept in self.scenes.values())
+        return sum(a.mask.nbytes + a.open_bytes + len(kept[BYTES]) for copies in self.scenes.values() for a, kept in copies)
 
     def __call__(self, batch: dict[str, np.ndarray]):
         import resource
@@ -463,16 +490,22 @@ class MaskAssembler:
             if batch[ERROR][i]:
                 rows.append({PATH: uri, RELPATH: batch[RELPATH][i], ERROR: str(batch[ERROR][i]), HEIGHT: 0, WIDTH: 0})
                 continue
-            if uri not in self.scenes:
+            key, index = (uri, batch[SCENE][i]), int(batch[TILE][i])
+            copies = self.scenes.setdefault(key, [])
+            entry = next((copy for copy in copies if index not in copy[0].seen), None)
+            if entry is None:
                 grid = TileGrid(height, width, self.tile, self.overlap)
-                self.scenes[uri] = SceneAssembler(grid, self.num_classes, self.low_confidence), {RELPATH: batch[RELPATH][i], BYTES: b""}
-            assembler, kept = self.scenes[uri]
+                entry = SceneAssembler(grid, self.num_classes, self.low_confidence), {RELPATH: batch[RELPATH][i], BYTES: b""}
+                copies.append(entry)
+            assembler, kept = entry
             if self.keep_bytes and batch[BYTES][i]:
                 kept[BYTES] = batch[BYTES][i]
-            assembler.add(int(batch[TILE][i]), batch[MASK][i], batch[BANDS][i], batch[TOP_SUM][i], batch[LOW_COUNT][i])
+            assembler.add(index, batch[MASK][i], batch[BANDS][i], batch[TOP_SUM][i], batch[LOW_COUNT][i])
             self.peak_bytes = max(self.peak_bytes, self.held_bytes())
             if assembler.done:
-                del self.scenes[uri]
+                copies.remove(entry)
+                if not copies:
+                    del self.scenes[key]
                 confidence, low = assembler.confidence()
                 rows.append({
                     PATH: uri, RELPATH: kept[RELPATH], ERROR: "", HEIGHT: height, WIDTH: width,
@@ -510,6 +543,7 @@ def write_outputs(
     record); returns {PATH, ERROR} (+ the assembler's memory figures with --tile)."""
     rows = collections.defaultdict(list)
     objects, in_table = masks in ("png", "both"), masks in ("parquet", "both")
+    content = hashlib.sha1()  # names the part (below)
     for i, uri in enumerate(batch[PATH]):
         error = str(batch[ERROR][i])
         counts, mask_uri, overlay_uri, png = None, None, None, None
@@ -539,6 +573,7 @@ def write_outputs(
                 if (failure := storage.store_failure(err, "--output", target, "write")) is not None:
                     raise failure from err
                 error, mask_uri, counts = f"write failed: {type(err).__name__}: {err}", None, None
+        content.update(b"%s\0%s\0%s\0" % (str(uri).encode(), error.encode(), png or b""))
         rows[PATH].append(str(uri))
         rows[ERROR].append(error or None)
         rows[HEIGHT].append(int(batch[HEIGHT][i]) if not error else None)
@@ -550,8 +585,9 @@ def write_outputs(
         rows[CONFIDENCE].append(float(batch[CONFIDENCE][i]) if not error else None)
         rows[LOW_FRACTION].append(float(batch[LOW_FRACTION][i]) if not error else None)
     table = pa.table(dict(rows), schema=PREDICTION_SCHEMA)
-    # Named by content: a retried task overwrites its own part instead of duplicating rows.
-    digest = hashlib.sha1("\n".join(rows[PATH]).encode()).hexdigest()[:20]
+    # Named by content (paths, errors, masks): a retried task overwrites its own part instead of
+    # duplicating rows, and two batches of the same paths (an id in two shards) keep both parts.
+    digest = content.hexdigest()[:20]
     sink = io.BytesIO()
     pq.write_table(table, sink)
     with storage.reaching("--output", output, "write"):
@@ -609,6 +645,9 @@ class RunSummary:
     # kept source bytes), and its process's peak RSS (Ray worker included); None without --tile
     assembly_peak_bytes: int | None = None
     assembler_peak_rss_bytes: int | None = None
+    # paths (ids) that came more than once in this run: each time gets its row, but they share
+    # a mask file (the last written stays) and a rerun counts them as one input
+    repeated_paths: int = 0
 
     @property
     def processed(self) -> int:
@@ -619,9 +658,10 @@ class RunSummary:
         return self.failed / self.processed if self.processed else 0.0
 
     def line(self) -> str:
+        repeated = f"; {self.repeated_paths} paths or ids came more than once (see _run.json)" if self.repeated_paths else ""
         return (
             f"raydeeplab predict: {self.ok} ok, {self.failed} failed, {self.skipped} skipped "
-            f"(already done) in {self.seconds:.1f}s, {self.images_per_second:.1f} img/s"
+            f"(already done) in {self.seconds:.1f}s, {self.images_per_second:.1f} img/s{repeated}"
         )
 
 
@@ -829,9 +869,11 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
     summary = RunSummary(inputs=0, skipped=len(done))
     restarts_before = segmenter_restarts() or 0  # earlier runs of this driver (tests, notebooks)
     reasons: collections.Counter = collections.Counter()
+    seen = []  # name_hashes of every row: 8 bytes an input
     for batch in build_pipeline(cfg, todo, info).iter_batches(batch_size=None, batch_format="numpy"):
         if summary.first_output_seconds is None:
             summary.first_output_seconds = time.perf_counter() - started
+        seen.append(name_hashes(batch[PATH]))
         failed = batch[ERROR] != ""
         summary.failed += int(failed.sum())
         summary.ok += int((~failed).sum())
@@ -841,6 +883,7 @@ def run_predict(cfg: PredictConfig, info=None) -> RunSummary:
             summary.assembler_peak_rss_bytes = max(summary.assembler_peak_rss_bytes or 0, int(batch[ASSEMBLER_RSS].max()))
     summary.inputs = summary.processed + summary.skipped
     summary.errors_by_reason = dict(reasons)
+    summary.repeated_paths = int((np.unique(np.concatenate([np.zeros(0, np.uint64), *seen]), return_counts=True)[1] > 1).sum())
     if (restarts := segmenter_restarts()) is not None:
         summary.actor_restarts = restarts - restarts_before
     summary.seconds = time.perf_counter() - started

@@ -11,13 +11,14 @@ from a laptop, a bucket browser or an email attachment. Every number it shows is
 from __future__ import annotations
 
 import base64
+import dataclasses
+import heapq
 import html
 import io
 import json
 import random
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -48,13 +49,13 @@ def write_run_report(output: str, class_names: list[str] | tuple[str, ...]) -> s
     """After ``predict``: ``OUT/report.html`` from ``_run.json``, the predictions Parquet and a
     sample of masks with their source images. Returns the report's URI."""
     run = json.loads(storage.read_bytes(storage.join(output, RUN_SUMMARY)))
-    table, parts = read_predictions(output)
+    rows = RunRows.read(output, len(class_names))
     sections = [
         summary_section(run),
-        samples_section(table),
-        class_area_section(table, list(class_names)),
-        failures_section(table),
-        throughput_section(parts),
+        samples_section(rows.samples()),
+        class_area_section(rows.class_pixels, list(class_names)),
+        failures_section(rows.failures),
+        throughput_section(sorted(rows.parts)),
         arguments_section(run),
     ]
     return write_page(output, f"raydeeplab predict: {run['model']}", sections)
@@ -87,29 +88,61 @@ def write_page(output: str, title: str, sections: list[str]) -> str:
 # ---------------------------------------------------------------- reading a run
 
 
-def read_predictions(output: str) -> tuple[pa.Table, list[tuple[float, int]]]:
-    """All rows of the run, and ``(modified time, rows)`` per Parquet part (its completion time)."""
-    fs, _ = storage.filesystem(output)
-    tables, parts = [], []
-    for uri in storage.list_files(storage.join(output, PREDICTIONS_DIR), (".parquet",)):
-        table = pq.read_table(io.BytesIO(storage.read_bytes(uri)))
-        tables.append(table)
-        parts.append((fs.modified(storage.filesystem(uri)[1]).timestamp(), table.num_rows))
-    table = pa.concat_tables(tables, promote_options="default") if tables else pa.table({PATH: [], ERROR: []})
-    return table, sorted(parts)
+@dataclasses.dataclass
+class RunRows:
+    """What the page shows of a run's predictions, gathered one Parquet part at a time and only
+    the columns it needs: the whole table of a ten-million-image run (with ``--masks parquet``,
+    the masks too) does not fit in the driver."""
 
+    class_pixels: np.ndarray  # each class's pixels over the run
+    failures: dict[str, list] = dataclasses.field(default_factory=dict)  # reason -> [count, first paths]
+    lowest: list = dataclasses.field(default_factory=list)  # heap of (-confidence, -order, row)
+    pool: list = dataclasses.field(default_factory=list)  # a seeded reservoir of other ok rows
+    parts: list = dataclasses.field(default_factory=list)  # (modified time, rows) per part
+    seen: int = 0  # ok rows with a mask file
+    offered: int = 0  # of them, rows that were offered to the pool
+    draw: random.Random = dataclasses.field(default_factory=lambda: random.Random(0))  # the same run, the same page
 
-def sample_rows(table: pa.Table) -> list[tuple[dict, str]]:
-    """``(row, why)`` to show: the lowest-confidence ok rows when the column exists, plus a
-    few random ok ones (seeded: the same run gives the same page)."""
-    rows = [r for r in table.to_pylist() if not r.get(ERROR) and r.get(MASK_PATH)]
-    chosen: list[tuple[dict, str]] = []
-    if CONFIDENCE in table.column_names:
-        lowest = sorted(rows, key=lambda r: r[CONFIDENCE])[:LOWEST_SAMPLES]
-        chosen += [(r, f"confidence {r[CONFIDENCE]:.3f}") for r in lowest]
-        rows = [r for r in rows if r not in lowest]
-    picked = random.Random(0).sample(rows, min(RANDOM_SAMPLES, len(rows)))
-    return chosen + [(r, "random") for r in picked]
+    @classmethod
+    def read(cls, output: str, num_classes: int) -> "RunRows":
+        rows = cls(np.zeros(num_classes, np.int64))
+        fs, _ = storage.filesystem(output)
+        for uri in storage.list_files(storage.join(output, PREDICTIONS_DIR), (".parquet",)):
+            data = io.BytesIO(storage.read_bytes(uri))
+            columns = [c for c in (PATH, ERROR, MASK_PATH, CLASS_PIXELS, CONFIDENCE) if c in pq.read_schema(data).names]
+            table = pq.read_table(data, columns=columns)
+            rows.parts.append((fs.modified(storage.filesystem(uri)[1]).timestamp(), table.num_rows))
+            for row in table.to_pylist():
+                rows.add(row)
+        return rows
+
+    def add(self, row: dict) -> None:
+        if row.get(ERROR):
+            entry = self.failures.setdefault(reason_of(row[ERROR]), [0, []])
+            entry[0] += 1
+            if len(entry[1]) < EXAMPLE_PATHS:
+                entry[1].append(row[PATH])
+            return
+        if counts := row.get(CLASS_PIXELS):
+            self.class_pixels[: len(counts)] += np.asarray(counts[: len(self.class_pixels)], np.int64)
+        if not row.get(MASK_PATH):
+            return
+        self.seen += 1
+        if row.get(CONFIDENCE) is not None:
+            heapq.heappush(self.lowest, (-row[CONFIDENCE], -self.seen, row))  # ties: the earlier stays
+            if len(self.lowest) <= LOWEST_SAMPLES:
+                return
+            row = heapq.heappop(self.lowest)[2]  # the most confident of them goes to the pool
+        self.offered += 1  # reservoir sampling (Algorithm R) over the rows not among the lowest
+        if len(self.pool) < RANDOM_SAMPLES:
+            self.pool.append(row)
+        elif (slot := self.draw.randrange(self.offered)) < RANDOM_SAMPLES:
+            self.pool[slot] = row
+
+    def samples(self) -> list[tuple[dict, str]]:
+        """``(row, why)`` to show: the lowest-confidence ok rows, then a few random others."""
+        lowest = [row for _, _, row in sorted(self.lowest, reverse=True)]
+        return [(r, f"confidence {r[CONFIDENCE]:.3f}") for r in lowest] + [(r, "random") for r in self.pool]
 
 
 def overlay_thumbnail(image_uri: str, mask_uri: str) -> str | None:
@@ -135,9 +168,9 @@ def summary_section(run: dict) -> str:
     return "<h2>Run</h2>" + key_values("summary", {k: run.get(k) for k in keys})
 
 
-def samples_section(table: pa.Table) -> str:
+def samples_section(samples: list[tuple[dict, str]]) -> str:
     figures = []
-    for row, why in sample_rows(table):
+    for row, why in samples:
         src = overlay_thumbnail(row[PATH], row[MASK_PATH])
         if src is None:
             continue
@@ -149,29 +182,21 @@ def samples_section(table: pa.Table) -> str:
     return f"<h2>Samples (image with its mask)</h2><div class='grid'>{body}</div>"
 
 
-def class_area_section(table: pa.Table, names: list[str]) -> str:
+def class_area_section(counts: np.ndarray, names: list[str]) -> str:
     """Each class's share of all segmented pixels in the run."""
-    counts = np.zeros(len(names), np.int64)
-    if CLASS_PIXELS in table.column_names:
-        for row in table.column(CLASS_PIXELS).to_pylist():
-            if row:
-                counts[: len(row)] += np.asarray(row[: len(names)], np.int64)
     total = counts.sum()
     shares = (counts / total).tolist() if total else [0.0] * len(names)
     return "<h2>Class area over the run</h2>" + bar_chart("area", names, shares, fraction=True)
 
 
-def failures_section(table: pa.Table) -> str:
-    by_reason: dict[str, list[str]] = {}
-    for path, error in zip(table.column(PATH).to_pylist(), table.column(ERROR).to_pylist()):
-        if error:
-            by_reason.setdefault(reason_of(error), []).append(path)
+def failures_section(by_reason: dict[str, list]) -> str:
+    """``by_reason``: reason -> [count, a few paths]."""
     if not by_reason:
         return "<h2>Failures</h2><p>none</p>"
     rows = "".join(
-        f"<tr data-reason='{esc(reason)}' data-count='{len(paths)}'><td>{esc(reason)}</td>"
-        f"<td>{len(paths)}</td><td>{'<br>'.join(esc(p) for p in paths[:EXAMPLE_PATHS])}</td></tr>"
-        for reason, paths in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+        f"<tr data-reason='{esc(reason)}' data-count='{count}'><td>{esc(reason)}</td>"
+        f"<td>{count}</td><td>{'<br>'.join(esc(p) for p in paths)}</td></tr>"
+        for reason, (count, paths) in sorted(by_reason.items(), key=lambda kv: -kv[1][0])
     )
     return f"<h2>Failures</h2><table><tr><th>reason</th><th>inputs</th><th>examples</th></tr>{rows}</table>"
 

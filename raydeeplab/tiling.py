@@ -156,7 +156,7 @@ class SceneAssembler:
             raise ValueError(f"tile {index} of {len(self.grid)} is out of range or was added twice")
         self.seen.add(index)
         self.confidence_sum += float(top_sum)
-        self.low_pixels += int(low_count)
+        self.low_pixels += round(float(low_count))  # the device sends (count / area) * area in float32
         grid, (row, col) = self.grid, divmod(index, self.grid.cols)
         low, high, size = grid.overlap, grid.tile - grid.overlap, grid.tile
         local = (slice(0, low), slice(low, high), slice(high, size))

@@ -16,6 +16,11 @@ def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return out.getvalue()
 
 
+def png(image: np.ndarray) -> bytes:
+    """Lossless: what a pipeline decodes is exactly ``image``."""
+    return encoded(Image.fromarray(image), "PNG")
+
+
 def photo(height: int = 40, width: int = 60) -> np.ndarray:
     """Smooth, asymmetric gradients: JPEG keeps them, and any flip or rotation shows."""
     yy, xx = np.mgrid[:height, :width]

@@ -11,6 +11,7 @@ from html.parser import HTMLParser
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from raydeeplab import storage
@@ -119,6 +120,47 @@ def test_lowest_confidence_rows_are_shown_first_when_the_table_has_confidence(tm
     assert shown[:6] == ["3.jpg", "1.jpg", "7.jpg", "6.jpg", "2.jpg", "4.jpg"]  # ascending confidence
     assert sorted(shown[6:]) == ["0.jpg", "5.jpg"]  # the rest, at random
     assert len(images_of(page)) == 8
+
+
+def test_a_large_table_with_masks_in_it_is_summed_one_part_at_a_time(tmp_path):
+    """``--masks parquet`` puts every mask in the table: 40 parts of 100 rows with 16 KiB masks
+    here (64 MiB). The page's numbers match numpy's over the same rows, and the driver's Python
+    heap never holds the table (it read all of it, masks included, as Python rows before)."""
+    import tracemalloc
+
+    from raydeeplab.report import RunRows
+
+    rng, out, parts = np.random.default_rng(0), str(tmp_path), 40
+    counts = rng.integers(0, 1000, (parts, 100, CLASSES))
+    confidence = rng.random((parts, 100)).astype(np.float32)
+    failed = rng.random((parts, 100)) < 0.1
+    for p in range(parts):
+        table = pa.table({
+            "path": [f"in/{p}_{i}.jpg" for i in range(100)],
+            "error": [("corrupt image: x" if i % 2 else "empty file: y") if failed[p, i] else None for i in range(100)],
+            "class_pixel_counts": [None if failed[p, i] else counts[p, i].tolist() for i in range(100)],
+            "mask_path": [None if failed[p, i] else f"masks/{p}_{i}.png" for i in range(100)],
+            "mask_png": [rng.bytes(16 << 10) for _ in range(100)],
+            "confidence": [None if failed[p, i] else float(confidence[p, i]) for i in range(100)],
+        })  # fmt: skip
+        sink = io.BytesIO()
+        pq.write_table(table, sink)
+        storage.write_bytes(f"{out}/predictions/part-{p:02d}.parquet", sink.getvalue())
+
+    tracemalloc.start()
+    rows = RunRows.read(out, CLASSES)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 << 20, f"{peak / 2**20:.1f} MiB of Python objects for a 64 MiB table"
+    np.testing.assert_array_equal(rows.class_pixels, counts[~failed].sum(0))
+    assert {reason: count for reason, (count, _) in rows.failures.items()} == {
+        "corrupt image": int(failed[:, 1::2].sum()), "empty file": int(failed[:, ::2].sum()),
+    }  # fmt: skip
+    ok_confidence = np.sort(confidence[~failed])
+    shown = rows.samples()
+    assert [float(r["confidence"]) for r, _ in shown[:6]] == pytest.approx(ok_confidence[:6].tolist())
+    assert len(shown) == 12 and all(r["confidence"] > ok_confidence[5] for r, _ in shown[6:])
+    assert len(rows.parts) == parts and sum(n for _, n in rows.parts) == parts * 100
 
 
 def test_evaluate_writes_iou_bars_and_a_confusion_heat_map_matching_the_json(ray_local, tmp_path, tiny_model):

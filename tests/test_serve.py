@@ -28,7 +28,7 @@ from raydeeplab.data.images import (
 from raydeeplab.cli import run_serve_verb
 from raydeeplab.api import read_auth_token
 from raydeeplab.serve import app_builder, device_batch_sizes
-from tests.corpus import BOMB_LIMIT, corpus
+from tests.corpus import BOMB_LIMIT, corpus, png
 from tests.padding import padded_reference
 from tests.s3_server import free_port
 
@@ -41,12 +41,6 @@ def blocky(seed: int, height: int, width: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
     return np.repeat(np.repeat(blocks, 8, 0), 8, 1)[:height, :width]
-
-
-def png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 def varied_images(count: int) -> list[bytes]:

@@ -4,6 +4,7 @@ real JPEG/PNG bytes, a real S3 server, a real local Ray cluster, and the CLI fro
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 
 import numpy as np
@@ -13,9 +14,9 @@ import pytest
 
 from raydeeplab import storage
 from raydeeplab.batch import CLASS_PIXELS, ERROR, MASK_PATH, MASK_PNG, PATH, ROWS_PER_FILE, read_mask, run_predict
-from raydeeplab.config import PredictConfig
-from raydeeplab.data.images import decode_mask_png, encode_jpeg
-from tests.corpus import BOMB_LIMIT, corpus, photo
+from raydeeplab.config import MAX_PIXELS, PredictConfig
+from raydeeplab.data.images import decode_mask_png, encode_jpeg, encode_mask_png
+from tests.corpus import BOMB_LIMIT, corpus, photo, png
 from tests.test_cli import SCRIPT
 
 
@@ -67,8 +68,9 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
         assert mask.shape == expected
         np.testing.assert_array_equal(read_mask(row), mask)  # the table's PNG is the object's
         np.testing.assert_array_equal(row[CLASS_PIXELS], np.bincount(mask.ravel(), minlength=5))
-    missing = by_path[f"{bucket}/shards/part-1.parquet"]
-    assert missing[ERROR].startswith("missing id: a row of") and "key" in missing[ERROR]
+    row_number = rest.index(None)
+    missing = by_path[f"{bucket}/shards/part-1.parquet#{row_number}"]  # one row per missing id, numbered
+    assert missing[ERROR] == f"missing id: row {row_number} of {bucket}/shards/part-1.parquet has no key"
     assert by_path["../escaped.jpg"][ERROR].startswith("unsafe path:")
     assert "never-read" not in by_path
     for shard in ("part-2", "part-3"):  # one row each, and the other shards went on
@@ -82,6 +84,47 @@ def test_s3_shards_keep_their_ids_and_bad_rows_fail_one_by_one(ray_local, bucket
 
     again = run_predict(cfg)  # resume: every id already has a row
     assert (again.ok, again.failed) == (0, 0) and len(read_rows(output)) == len(rows)
+
+
+def test_read_mask_decodes_a_scene_past_the_default_pixel_limit_and_names_a_row_without_one():
+    """Tiled scenes pass ``--max-pixels``' default (the README's example allows 400 MP); a row's
+    own size bounds the decode instead."""
+    side = math.isqrt(MAX_PIXELS) + 1
+    mask = np.zeros((side, side), np.uint8)
+    mask[-1, -3:] = [1, 2, 3]
+    row = {PATH: "scene", ERROR: None, "height": side, "width": side, MASK_PNG: encode_mask_png(mask), MASK_PATH: None}
+    np.testing.assert_array_equal(read_mask(row), mask)
+    with pytest.raises(ValueError, match=f"scene: mask is {side}x{side}, the row says {side}x{side + 1}"):
+        read_mask({**row, "height": side + 1})  # (a smaller row fails the pixel bound first)
+    with pytest.raises(ValueError, match=r"scene: this row has no mask \(corrupt image: truncated\)"):
+        read_mask({**row, ERROR: "corrupt image: truncated", MASK_PNG: None})
+
+
+@pytest.mark.parametrize("tile, masks", [(None, "png"), (64, "both")])  # a write per block; per scene
+def test_ids_repeated_across_shards_keep_every_row_and_are_counted(ray_local, bucket, tiny_model, tile, masks):
+    """Ids should be unique, but nothing can check that across shards (each shard's row numbers as
+    ids are common). Before, a write batch's part file was named by its ids alone, so the second
+    shard's replaced the first's (7 inputs, 4 rows); tiles meet their scene by its bytes too
+    (tests/test_tiling.py)."""
+    small = [encode_jpeg(photo(40 + i, 50)) for i in range(3)]
+    large = [encode_jpeg(photo(90 + i, 130)) for i in range(3)]
+    write_shard(f"{bucket}/dup/part-0.parquet", ["0", "1", "2"], small)  # a block each: 3 rows
+    write_shard(f"{bucket}/dup/part-1.parquet", ["0", "1", "2"], large)
+    write_shard(f"{bucket}/dup/part-2.parquet", ["copy"], large[:1])
+    output = f"{bucket}/dup-out-{tile}"
+    cfg = PredictConfig(
+        input=f"{bucket}/dup/part-*.parquet", output=output, model=tiny_model, image_column="jpeg", id_column="key",
+        masks=masks, batch_size=3, decode_batch_size=3, tile=tile, overlap=16,
+    )  # fmt: skip
+    summary = run_predict(cfg)
+
+    assert (summary.ok, summary.failed, summary.repeated_paths) == (7, 0, 3)
+    rows = read_rows(output)
+    sizes = sorted((r[PATH], r["height"], r["width"]) for r in rows)
+    assert sizes == sorted([(str(i), 40 + i, 50) for i in range(3)] + [(str(i), 90 + i, 130) for i in range(3)] + [("copy", 90, 130)])
+    if masks == "both":  # masks/0.png is one file; the table holds each row's own mask
+        same_scene = [read_mask(r) for r in rows if (r[PATH], r["height"]) in (("0", 90), ("copy", 90))]
+        np.testing.assert_array_equal(*same_scene)
 
 
 @pytest.mark.large  # an end-to-end repeat of what a default test covers; CI time (pytest -m large)
@@ -125,7 +168,25 @@ def test_shard_flags_are_checked_before_any_cluster_work(tmp_path, tiny_model):
         ({"image_column": "png", "id_column": "key"}, "--image-column 'png' is not a column of .*part-0.parquet; its columns are key, jpeg, note"),
         ({"image_column": "jpeg", "id_column": "key", "input": str(tmp_path / "nothing-*.parquet")}, "no .parquet shards match"),
         ({"image_column": "jpeg", "id_column": "key", "output": str(tmp_path / "shards/out")}, "is inside --input"),
+        ({"image_column": "note", "id_column": "key"}, "--image-column 'note' of .*part-0.parquet is string: it must hold encoded image bytes"),
     ):
         with pytest.raises(ConfigError, match=message):
             check_predict_config(PredictConfig(**{**base, **flags}))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hugging_face_image_column_is_read_by_its_bytes(tmp_path):
+    """``datasets`` writes an Image feature as ``struct<bytes, path>``; every row failed with
+    ``not an image: TypeError`` before."""
+    from raydeeplab.batch import BYTES, check_shards, read_shard
+    from raydeeplab.data.images import decode_image
+
+    images = [photo(30, 40), photo(50, 20)]
+    column = [{"bytes": png(image), "path": f"{i}.png"} for i, image in enumerate(images)]
+    pq.write_table(pa.table({"image": column, "id": ["a", "b"]}), tmp_path / "hf.parquet")
+    cfg = PredictConfig(input=str(tmp_path / "hf.parquet"), output=str(tmp_path / "out"), model="tiny", image_column="image", id_column="id")
+    assert check_shards(cfg) == [str(tmp_path / "hf.parquet")]
+    (rows,) = read_shard({"shard": np.array([str(tmp_path / "hf.parquet")])}, "image", "id", 64)
+    assert list(rows[PATH]) == ["a", "b"] and not any(rows[ERROR])
+    for data, image in zip(rows[BYTES], images):
+        np.testing.assert_array_equal(decode_image(data), image)

@@ -4,7 +4,6 @@ stops its Ray work, exits 143 and leaves only whole files, and a rerun does the 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -21,6 +20,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from raydeeplab.data.images import decode_mask_png
+from tests.corpus import png
 from tests.test_cli import SCRIPT
 from tests.test_security import cli_env, kill_run, marked_pids, own_ray_env, short_tmp
 
@@ -28,12 +28,6 @@ K8S_GRACE_S = 30  # Kubernetes' default terminationGracePeriodSeconds: SIGKILL f
 DRAIN_S = 10  # the server's --graceful-shutdown-timeout-s
 SLOW_S = 4  # a lone request waits this long for its batch to fill (--batch-wait-timeout-s)
 READY = "Ctrl-C stops"  # in the line `raydeeplab serve` prints once it answers
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")
-    return out.getvalue()
 
 
 def photo(seed: int, height: int, width: int) -> np.ndarray:
@@ -95,7 +89,7 @@ def test_sigterm_drains_in_flight_requests_then_serve_exits_0(tmp_path):
 
         def send() -> None:
             nonlocal answered
-            answers.append(httpx.post(f"{server.url}/segment", files={"image": ("a.png", png_bytes(image))}, timeout=120))
+            answers.append(httpx.post(f"{server.url}/segment", files={"image": ("a.png", png(image))}, timeout=120))
             answered = time.monotonic()
 
         slow = threading.Thread(target=send)

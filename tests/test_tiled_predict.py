@@ -18,17 +18,12 @@ from raydeeplab import storage
 from raydeeplab.batch import CONFIDENCE, ERROR, MASK_PATH, PATH, read_mask
 from raydeeplab.data.images import VOC_PALETTE, decode_image, decode_mask_png
 from raydeeplab.tiling import TileGrid
+from tests.corpus import png
 from tests.test_cli import raydeeplab
 from tests.test_shards import read_rows
 from tests.test_tiling import reference_blend, split_pattern
 
 TILE, OVERLAP, CLASSES = 64, 16, 5  # tiny_model: 64 px, 5 classes
-
-
-def png(image: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(image).save(out, format="PNG")  # lossless: the pipeline decodes the exact pattern
-    return out.getvalue()
 
 
 def jpeg(image: np.ndarray, quality: int = 90) -> bytes:

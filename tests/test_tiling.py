@@ -130,3 +130,47 @@ def test_a_scene_made_of_a_repeated_pattern_matches_per_tile_inference_without_s
             assert y % stride == 0 and x % stride == 0
             centre = assembler.mask[y + overlap : y + size - overlap, x + overlap : x + size - overlap]
             assert (centre == own).mean() > 0.999
+
+
+def test_tiles_of_scenes_sharing_an_id_meet_their_own_scene_in_any_interleaving():
+    """Two different scenes under one id (an id repeated across shards) and one scene listed twice:
+    tiles arrive interleaved, as from parallel decoding tasks. Each tile joins its own scene (by the
+    scene's bytes), and a repeated scene is two assemblies; before, the tiles met under the id."""
+    from raydeeplab.batch import BANDS, ERROR, HEIGHT, LOW_COUNT, MASK, PATH, RELPATH, SCENE, SCENE_MASK, TILE, TOP_SUM, WIDTH
+    from raydeeplab.batch import MaskAssembler
+
+    grid, rng = TileGrid(150, 230, tile=64, overlap=12), np.random.default_rng(1)
+    scenes = {}
+    for key in ("a", "b"):
+        logits = rng.normal(size=(len(grid), 64, 64, 4)) * 3
+        scenes[key] = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    arrivals = [(key, i) for key in ("a", "b", "a") for i in range(len(grid))]  # "a" twice
+    order = rng.permutation(len(arrivals))
+    rows = []
+    for key, index in (arrivals[j] for j in order):
+        mask, bands, top_sum, low_count = tile_outputs(grid, scenes[key][index], index)
+        rows.append({PATH: "id-0", RELPATH: "id-0", SCENE: key, TILE: index, HEIGHT: 150, WIDTH: 230, ERROR: "",
+                     MASK: mask, BANDS: bands, TOP_SUM: top_sum, LOW_COUNT: low_count})  # fmt: skip
+    assembler, done = MaskAssembler(64, 12, 4, LOW_CONFIDENCE, keep_bytes=False), []
+    for start in range(0, len(rows), 5):
+        batch = {column: np.array([r[column] for r in rows[start : start + 5]]) for column in rows[0]}
+        for out in assembler(batch):
+            done += [np.frombuffer(m, np.uint8).reshape(150, 230) for m in out[SCENE_MASK]]
+    assert len(done) == 3 and not assembler.scenes
+    expected = {key: reference_blend(grid, probs)[0] for key, probs in scenes.items()}
+    matches = sorted(min(("a", "b"), key=lambda k: (mask != expected[k]).mean()) for mask in done)
+    assert matches == ["a", "a", "b"]
+    for mask in done:
+        assert max((mask == reference).mean() for reference in expected.values()) > 0.999
+
+
+def test_low_confidence_counts_sent_as_float32_products_are_rounded_not_truncated():
+    """The device sends a tile's count as ``(count / area) * area`` in float32: 7 of 3,000 pixels
+    arrives as 6.9999995, and was counted as 6."""
+    grid = TileGrid(50, 60, tile=64, overlap=0)  # one tile, its centre the whole 50 x 60 image
+    area = np.float32(50 * 60)
+    sent = np.float32(np.float32(7) / area) * area
+    assert sent < 7
+    assembler = SceneAssembler(grid, 4, LOW_CONFIDENCE)
+    assembler.add(0, np.zeros((64, 64), np.uint8), np.zeros((0, 4), np.float16), np.float32(2000.0), sent)
+    assert assembler.done and assembler.confidence()[1] == 7 / 3000
