@@ -83,6 +83,7 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[vo
         )
     elif storage.is_remote(cfg.model) or os.path.isdir(cfg.model):
         check_model_spec(cfg.model, backbone_ok=True)  # hub names are checked by keras-hub when downloaded
+        check_segmenter_sizes(cfg)
     with storage.reaching("--data", cfg.data):
         train, val = dataset_pairs(cfg)
         examples.validate_pairs(train, cfg.num_classes, check_limit=cfg.check_limit)
@@ -96,6 +97,20 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[vo
     with storage.reaching("--output", cfg.output, "write"):
         storage.check_writable(cfg.output)
     return train, val
+
+
+def check_segmenter_sizes(cfg: TrainConfig) -> None:
+    """A segmenter preset to fine-tune has its own class count and input size (its graph is built
+    for it): flags that differ failed in every worker instead, and Ray Train retried them."""
+    from raydeeplab.presets import describe_model
+
+    if not storage.exists(storage.join(cfg.model, "task.json")):
+        return  # a backbone preset: a new head, any size
+    info = describe_model(cfg.model)
+    for flag, value, own in (("--num-classes", cfg.num_classes, info.num_classes), ("--image-size", cfg.image_size, info.image_size)):
+        if value != own:
+            default = "" if cfg.given(flag[2:].replace("-", "_")) is not None else " (the default)"
+            raise ConfigError(f"{flag} {value}{default} disagrees with --model {cfg.model}, which has {own}: pass {flag} {own}")
 
 
 def placement_shortfall(cfg: TrainConfig, nodes: list[dict]) -> str | None:

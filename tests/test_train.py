@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -185,6 +186,20 @@ def test_bad_training_flags_name_the_flag(tmp_path, kwargs, message):
     data = kwargs.pop("data", str(tmp_path))
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):  # building the config or checking it
         check_train_config(train_config(data, str(tmp_path / "out"), **kwargs))
+
+
+def test_a_segmenter_presets_own_sizes_are_checked_before_ray(tmp_path, tiny_model):
+    """The preset's graph takes 64 px and 5 classes: other values failed in every worker, and Ray
+    Train retried the group 3 times, reloading the model each time."""
+    synthetic.make_shapes_dataset(str(tmp_path / "voc"), 8, size=(48, 64), num_classes=5, layout="voc")
+    data, out = str(tmp_path / "voc"), str(tmp_path / "out")
+    check_train_config(TrainConfig(data=data, output=out, model=tiny_model, num_classes=5, image_size=64, batch_size=2))
+    for values, message in (
+        ({"num_classes": 5}, f"--image-size 512 (the default) disagrees with --model {tiny_model}, which has 64: pass --image-size 64"),
+        ({"num_classes": 3, "image_size": 64}, f"--num-classes 3 disagrees with --model {tiny_model}, which has 5: pass --num-classes 5"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_train_config(TrainConfig(data=data, output=out, model=tiny_model, batch_size=2, **values))
 
 
 def test_cli_train_rejects_a_yaml_typo_before_ray(tmp_path, capsys):
