@@ -276,6 +276,8 @@ def check_predict_config(cfg: PredictConfig):
             check_tiling(cfg.tile, cfg.overlap)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        if cfg.given("resize") is not None:
+            raise ConfigError(f"--resize {cfg.resize} does not apply with --tile: tiles are cut at the image's own scale, never resized")
     from raydeeplab.presets import check_sizes_agree, describe_model  # keras-hub: not for CPU stages
 
     info = describe_model(cfg.model, cfg.num_classes, cfg.image_size)

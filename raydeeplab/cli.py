@@ -207,7 +207,11 @@ def check_port_free(host: str, port: int) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: TIME_WAIT is no conflict
         try:
             probe.bind((host, port))
+        except socket.gaierror as err:
+            raise ConfigError(f"--host {host}: {err.strerror}; give an address or name of this machine (127.0.0.1, 0.0.0.0)") from err
         except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:
+                raise ConfigError(f"--host {host}: not an address of this machine; bind 0.0.0.0 or one of its own") from err
             cause = "already in use (another server, or an earlier raydeeplab serve)" if err.errno == errno.EADDRINUSE else err.strerror
             raise ConfigError(f"--port {port} on {host}: {cause}; stop that process or pick another --port") from err
 
@@ -222,11 +226,11 @@ def run_serve_verb(args: argparse.Namespace) -> int:
     from raydeeplab.api import read_auth_token
     from raydeeplab.serve import APP_NAME, app_builder
 
-    read_auth_token(cfg.auth_token_env, None)  # a file is read on the replicas' nodes
     import ray
     from ray import serve
 
     local = starts_local(args.address) and not ray.is_initialized()
+    read_auth_token(cfg.auth_token_env, cfg.auth_token_file if local else None)  # on a cluster, the replicas' nodes read the file
     if local:  # on a cluster, the port is the head node's
         check_port_free(cfg.host, cfg.port)
     start_ray("serve", args.address)

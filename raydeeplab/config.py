@@ -120,6 +120,8 @@ def explain(cls: type[Config], err: ValidationError, where: dict[str, str]) -> s
     return "; ".join(lines)
 
 
+URI_KEYS = (*PATH_KEYS, "model")  # keys that may hold an s3:// URI
+
 # where each key being validated came from; empty for Python arguments (see Config.from_dict)
 WHERE: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("WHERE", default={})
 
@@ -151,6 +153,14 @@ class Config(BaseModel):
     def given(self, name: str) -> Any:
         """The field's value if the user set it, else None (a preset's own size then applies)."""
         return getattr(self, name) if name in self.model_fields_set else None
+
+    @field_validator(*URI_KEYS, check_fields=False)
+    @classmethod
+    def _a_bucket_is_named(cls, value: Any, info) -> Any:
+        """``s3://`` alone (or ``s3:///key``) joined outputs into a local folder named ``s3:``."""
+        if isinstance(value, str) and value.startswith("s3://") and not value[len("s3://") :].split("/", 1)[0]:
+            raise ValueError(f"{flag(info.field_name)} {value}: no bucket; write s3://BUCKET or s3://BUCKET/prefix")
+        return value
 
 
 def load_config(cls: type[Config], path: str | None, overrides: dict[str, Any]):

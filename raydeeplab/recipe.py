@@ -229,10 +229,10 @@ def val_batches(pairs: list[voc.ExampleURIs | None], size: int, batch: int, num_
         return resize_for_eval(*example, size)
 
     padded = pairs + [None] * (-len(pairs) % batch)
-    chunks = [padded[start : start + batch] for start in range(0, len(padded), batch)]
+    chunks = iter([padded[start : start + batch] for start in range(0, len(padded), batch)])
     with ThreadPoolExecutor(8) as pool:  # I/O bound: S3 reads overlap
-        ahead = [pool.submit(load, pair) for pair in chunks[0]] if chunks else []
-        for following in [*chunks[1:], []]:
-            current, ahead = ahead, [pool.submit(load, pair) for pair in following]
+        ahead = [pool.submit(load, pair) for pair in next(chunks, [])]
+        while ahead:
+            current, ahead = ahead, [pool.submit(load, pair) for pair in next(chunks, [])]
             chunk = [future.result() for future in current]
             yield np.stack([c[0] for c in chunk]), np.stack([c[1] for c in chunk])

@@ -112,7 +112,8 @@ class SegmenterDeployment:
         model than the built one costs one load, not two. A new model or batch size is built
         and compiled off the event loop while the old one keeps serving, then swapped in.
         """
-        knobs = Knobs.from_dict(user_config)
+        # Serve replaces the whole dict: a key it leaves out keeps the application's own value
+        knobs = Knobs.from_dict({**self.args.knobs().model_dump(), **(user_config or {})})
         if self.loaded is None or knobs.model != self.loaded.spec or (
             device_batch_sizes(knobs.max_batch_size) != sorted(self.loaded.segmenters)
         ):

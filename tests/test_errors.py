@@ -255,6 +255,21 @@ CASES = {
         {},
         ["--port {busy_port} on 127.0.0.1: already in use", "pick another --port"],
     ),
+    "serve on a host name that does not resolve (it blamed --port)": (
+        ["serve", "--model", "tiny", "--host", "not-a-host.invalid"],
+        {},
+        ["--host not-a-host.invalid:", "give an address or name of this machine"],
+    ),
+    "serve with a token file that is not there (found by each replica, after Ray and Serve started)": (
+        ["serve", "--model", "tiny", "--auth-token-file", "missing-token"],
+        {},
+        ["--auth-token-file {cwd}/missing-token: No such file or directory"],
+    ),
+    "an s3:// output without a bucket (it wrote to a local folder named s3:)": (
+        [*PREDICT, "tiny", "--output", "s3://"],
+        {},
+        ["--output s3://: no bucket", "write s3://BUCKET"],
+    ),
 }
 
 

@@ -262,6 +262,12 @@ def test_user_config_swaps_model_and_batching_on_the_live_replica(client, base_a
         assert [a.json()["batch_size"] for a in answers] == [1] * 6  # batching off
         assert all(len(a.json()["class_pixel_counts"]) == 3 for a in answers)
         assert client.get("/stats").json()["replica"] == replica  # no restart
+
+        # Serve replaces the whole dict: a key left out is the application's own (it failed:
+        # "missing --model")
+        handle.reconfigure.remote({"max_batch_size": 2}).result()
+        model = client.get("/model").json()
+        assert (model["id"], model["device_batch_sizes"]) == (base_args["model"], [1, 2])
     finally:
         handle.reconfigure.remote(knobs.model_dump()).result()
     assert client.get("/model").json()["id"] == base_args["model"]

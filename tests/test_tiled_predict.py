@@ -133,6 +133,7 @@ def test_scenes_become_tiles_on_the_actors_and_one_seamless_mask_per_scene(bucke
         (["--tile", "128", "--overlap", "16"], "--tile 128 must equal the model's input size 64"),
         (["--tile", "64"], "--overlap must be >= 0 and < --tile / 2 (32), got 64"),
         (["--tile", "64", "--overlap", "40"], "--overlap must be >= 0 and < --tile / 2 (32), got 40"),
+        (["--tile", "64", "--overlap", "16", "--resize", "pad"], "--resize pad does not apply with --tile"),
     ],
 )
 def test_tile_flags_are_checked_before_ray_starts(tmp_path, tiny_model, capsys, monkeypatch, flags, message):
