@@ -97,7 +97,8 @@ async def read_image(request: Request, limit: int, field: str = "image") -> byte
         raise HTTPException(400, f"bad multipart body: {err.message}") from None
     upload = form.get(field)
     if not isinstance(upload, UploadFile):
-        raise HTTPException(400, f"multipart body has no {field!r} file field")
+        sent = "a text field, which cannot carry image bytes" if field in form else "nothing"
+        raise HTTPException(400, f"multipart body has no {field!r} file field ({field!r} is {sent}; curl: -F {field}=@cat.jpg)")
     try:
         return await upload.read()
     finally:

@@ -220,7 +220,10 @@ def test_every_bad_input_gets_its_status_and_the_server_keeps_answering(client, 
     chunked = client.post("/segment", content=iter([bytes(100_000)] * 4))  # no Content-Length
     assert chunked.status_code == 413, chunked.text
     wrong_field = client.post("/segment", files={"photo": ("x.jpg", files["ok.jpg"][0])})
-    assert wrong_field.status_code == 400 and "'image'" in wrong_field.json()["detail"]
+    assert wrong_field.status_code == 400 and "'image' is nothing" in wrong_field.json()["detail"]
+    as_text = client.post("/segment", data={"image": "not a file"}, files={"note": ("n.txt", b"x")})  # curl -F 'image=<cat.jpg'
+    assert as_text.status_code == 400 and "a text field" in as_text.json()["detail"], as_text.text
+    assert "-F image=@cat.jpg" in as_text.json()["detail"]
 
     data = files["ok.jpg"][0]
     after = segment(client, data)
