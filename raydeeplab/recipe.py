@@ -181,7 +181,7 @@ def compile_for_training(trainable: keras.Model, cfg: TrainConfig, total_steps: 
     return metric
 
 
-def save_train_state(model: keras.Model, trainable: keras.Model, directory: str, state: dict) -> None:
+def save_train_state(model: keras.Model, trainable: keras.Model, directory: str, state: dict, class_names: list[str]) -> None:
     """Preset files of ``model`` (loadable by ``predict``) + ``trainable``'s optimiser slots +
     counters, side by side.
 
@@ -190,7 +190,7 @@ def save_train_state(model: keras.Model, trainable: keras.Model, directory: str,
     """
     from raydeeplab.presets import save_model
 
-    save_model(model, directory)
+    save_model(model, directory, class_names=class_names)
     np.savez(
         os.path.join(directory, OPTIMIZER),
         **{f"v{i}": local_value(v) for i, v in enumerate(trainable.optimizer.variables)},

@@ -99,12 +99,18 @@ def check_train_config(cfg: TrainConfig) -> tuple[list[voc.ExampleURIs], list[vo
     return train, val
 
 
+def fine_tunes_a_segmenter(cfg: TrainConfig) -> bool:
+    """``--model`` is a segmenter preset folder (not a backbone under a new head, nor a name)."""
+    folder = storage.is_remote(cfg.model) or os.path.isdir(cfg.model)
+    return folder and storage.exists(storage.join(cfg.model, "task.json"))
+
+
 def check_segmenter_sizes(cfg: TrainConfig) -> None:
     """A segmenter preset to fine-tune has its own class count and input size (its graph is built
     for it): flags that differ failed in every worker instead, and Ray Train retried them."""
     from raydeeplab.presets import describe_model
 
-    if not storage.exists(storage.join(cfg.model, "task.json")):
+    if not fine_tunes_a_segmenter(cfg):
         return  # a backbone preset: a new head, any size
     info = describe_model(cfg.model)
     for flag, value, own in (("--num-classes", cfg.num_classes, info.num_classes), ("--image-size", cfg.image_size, info.image_size)):
@@ -304,7 +310,7 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
             "history": state["history"] + [metrics],
         }
         with tempfile.TemporaryDirectory() as tmp:
-            recipe.save_train_state(model, trainable, tmp, state)  # collective: every rank saves
+            recipe.save_train_state(model, trainable, tmp, state, config["class_names"])  # collective: every rank saves
             with open(os.path.join(tmp, METRICS), "w") as f:
                 json.dump(metrics, f, indent=2)
             # Every rank reports (a barrier); rank 0's folder is the checkpoint. The others hold
@@ -313,6 +319,14 @@ def train_epochs(cfg: TrainConfig, config: dict) -> None:
                 {k: v for k, v in metrics.items() if not isinstance(v, list)},
                 checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None,
             )
+
+
+def trained_class_names(cfg: TrainConfig) -> list[str]:
+    """The names the trained presets carry: a fine-tuned segmenter preset's own (its classes are
+    checked to be the same), else the default ones (VOC's for 21 classes)."""
+    from raydeeplab.presets import class_names, describe_model
+
+    return list(describe_model(cfg.model).class_names) if fine_tunes_a_segmenter(cfg) else class_names(cfg.num_classes)
 
 
 def build_trainer(cfg: TrainConfig, train_pairs: list[voc.ExampleURIs], val_pairs: list[voc.ExampleURIs]):
@@ -338,6 +352,7 @@ def build_trainer(cfg: TrainConfig, train_pairs: list[voc.ExampleURIs], val_pair
             "cfg": cfg.model_dump(),
             "steps_per_epoch": steps_per_epoch(cfg, len(train_pairs)),
             "val_pairs": val_pairs,
+            "class_names": trained_class_names(cfg),
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0, resources_per_worker=resources

@@ -55,7 +55,7 @@ def main(rank: int, port: int, workdir: str) -> None:
     recipe.compile_for_training(model, cfg, total_steps=4)
     model.train_on_batch(images, masks)
     checkpoint = os.path.join(workdir, f"checkpoint_rank{rank}")
-    recipe.save_train_state(segmenter, model, checkpoint, {"epoch": 1})
+    recipe.save_train_state(segmenter, model, checkpoint, {"epoch": 1}, [f"class_{i}" for i in range(cfg.num_classes)])
     restored = keras_hub.models.ImageSegmenter.from_preset(checkpoint)
     resumed = recipe.trainable_model(restored)
     recipe.compile_for_training(resumed, cfg, total_steps=4)

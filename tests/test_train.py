@@ -202,6 +202,31 @@ def test_a_segmenter_presets_own_sizes_are_checked_before_ray(tmp_path, tiny_mod
             check_train_config(TrainConfig(data=data, output=out, model=tiny_model, batch_size=2, **values))
 
 
+def test_a_fine_tuned_presets_class_names_are_carried_into_the_trained_presets(tmp_path, tiny_model):
+    """Trained presets were saved with VOC's names for 21 classes, else class_i: a fine-tuned
+    preset's own names were lost, and evaluate and serve then showed the wrong ones."""
+    import shutil
+
+    from raydeeplab import recipe
+    from raydeeplab.presets import SIDECAR, describe_model
+    from raydeeplab.train import trained_class_names
+
+    source = str(tmp_path / "roads")
+    shutil.copytree(tiny_model, source)
+    names = ["road", "car", "person", "sign", "tree"]
+    sidecar = json.loads((tmp_path / "roads" / SIDECAR).read_text())
+    (tmp_path / "roads" / SIDECAR).write_text(json.dumps({**sidecar, "class_names": names}))
+    cfg = TrainConfig(data="d", output="o", model=source, num_classes=5, image_size=64, batch_size=2)
+    assert trained_class_names(cfg) == names
+    assert trained_class_names(TrainConfig(data="d", output="o", model="tiny", num_classes=5)) == [f"class_{i}" for i in range(5)]
+
+    model = recipe.initial_model(cfg)
+    trainable = recipe.trainable_model(model)
+    recipe.compile_for_training(trainable, cfg, total_steps=1)
+    recipe.save_train_state(model, trainable, str(tmp_path / "best"), {"epoch": 1}, trained_class_names(cfg))
+    assert describe_model(str(tmp_path / "best")).class_names == tuple(names)
+
+
 def test_cli_train_rejects_a_yaml_typo_before_ray(tmp_path, capsys):
     from raydeeplab.cli import main
 
