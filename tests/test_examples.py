@@ -45,3 +45,17 @@ def test_validation_lists_every_bad_file_by_name(root):
         validate_pairs(pairs[3:4], num_classes=4)
     with pytest.raises(DatasetError, match=small["mask_uri"].replace("\\", "\\\\")):
         load_example(**small)
+
+
+def test_a_mask_of_an_exif_rotated_photo_drawn_on_its_stored_pixels_is_told_why_it_does_not_fit(tmp_path):
+    """Photos are read upright (EXIF applied), masks as stored: a mask drawn on the stored,
+    sideways pixels has the image's size turned, and the error says why."""
+    from tests.corpus import exif_rotated_jpeg
+
+    storage.write_bytes(str(tmp_path / "a.jpg"), exif_rotated_jpeg())  # stored 60 x 40, upright 40 x 60
+    storage.write_bytes(str(tmp_path / "sideways.png"), encode_mask_png(np.zeros((40, 60), np.uint8)))
+    storage.write_bytes(str(tmp_path / "upright.png"), encode_mask_png(np.zeros((60, 40), np.uint8)))
+    image, mask = load_example(str(tmp_path / "a.jpg"), str(tmp_path / "upright.png"))
+    assert image.shape[:2] == mask.shape == (60, 40)
+    with pytest.raises(DatasetError, match="mask size 60x40 != image size 40x60 .*EXIF orientation applied"):
+        load_example(str(tmp_path / "a.jpg"), str(tmp_path / "sideways.png"))

@@ -26,10 +26,13 @@ def load_example(image_uri: str, mask_uri: str) -> tuple[np.ndarray, np.ndarray]
     """Read and decode one pair: ``(H, W, 3) uint8`` image, ``(H, W) uint8`` class map."""
     image, mask = load_image(image_uri), load_mask(mask_uri)
     if mask.shape != image.shape[:2]:
+        turned = mask.shape == image.shape[1::-1]  # the image's EXIF orientation turned it by 90 degrees
         raise DatasetError(
             f"{mask_uri}: mask size {mask.shape[1]}x{mask.shape[0]} != "
             f"image size {image.shape[1]}x{image.shape[0]} of {image_uri}"
-        )
+            + ("; images are read upright (EXIF orientation applied), as viewers and labelling tools "
+               "show them: the mask must be drawn on that" if turned else "")
+        )  # fmt: skip
     return image, mask
 
 
