@@ -369,6 +369,8 @@ class ServeCommand(ServeConfig):
     def _replica_range(self) -> ServeCommand:
         if self.max_replicas is not None and self.max_replicas < self.replicas:
             raise ValueError(f"--max-replicas must be >= --replicas ({self.replicas}), got {self.max_replicas}")
+        if self.max_replicas is not None and self.autoscaling_config is not None:  # one would replace the other
+            raise ValueError("--max-replicas and autoscaling_config both set autoscaling: give one, not both")
         return self
 
     def app_args(self, cluster_gpus: float = 0.0) -> dict[str, Any]:

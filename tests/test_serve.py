@@ -339,6 +339,14 @@ def test_unknown_or_conflicting_arguments_fail_with_the_key():
         Knobs.model_validate({"model": "tiny", "batch_size": 4})
 
 
+def test_max_replicas_and_an_autoscaling_config_are_not_both_taken(tmp_path):
+    from raydeeplab.config import load_config
+
+    (tmp_path / "serve.yaml").write_text("model: tiny\nautoscaling_config: {min_replicas: 1, max_replicas: 3}\n")
+    with pytest.raises(ConfigError, match="--max-replicas and autoscaling_config both set autoscaling"):
+        load_config(ServeCommand, str(tmp_path / "serve.yaml"), {"max_replicas": 4})
+
+
 def test_flags_become_builder_arguments_with_autoscaling():
     args = serve_parser().parse_args(
         ["--model", "tiny", "--replicas", "2", "--max-replicas", "6", "--max-batch-size", "4"]
