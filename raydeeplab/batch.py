@@ -108,10 +108,10 @@ PREDICTION_SCHEMA = pa.schema(
 
 def read_manifest_entries(batch: dict[str, np.ndarray], cwd: str):
     """{"manifest": URI} -> {PATH, RELPATH} of its entries (:func:`manifest_rows`), a chunk of
-    :func:`iter_manifest` at a time: its ``path`` column, or its first, or its lines."""
+    :func:`iter_manifest` at a time: its ``path`` column, or its lines."""
     for uri in map(str, batch["manifest"]):
         for columns in iter_manifest(uri, (PATH,)):
-            yield manifest_rows(columns[PATH] if PATH in columns else next(iter(columns.values())), cwd)
+            yield manifest_rows(columns[PATH], cwd)
 
 
 def manifest_rows(entries: list[str], cwd: str) -> dict[str, np.ndarray]:
@@ -142,7 +142,9 @@ def listing_units(root: str, want: int) -> list[tuple[str, str]]:
 
 
 def list_unit(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
-    """{"unit", "kind"} (:func:`listing_units`) -> {PATH, RELPATH} of the images they hold."""
+    """{"unit", "kind"} (:func:`listing_units`) -> {PATH, RELPATH, ERROR} of the images they hold.
+    A local name that is not UTF-8 (Python keeps its bytes as surrogates, which no Parquet or
+    hash takes: the job ended) fails its row, its bytes shown as ``\\xe9``."""
     uris = []
     for unit, kind in zip(map(str, batch["unit"]), batch["kind"]):
         if kind == "file":
@@ -155,7 +157,22 @@ def list_unit(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
         else:
             uris += sorted(entry.path for entry in os.scandir(unit) if entry.is_file())
     uris = [uri for uri in uris if is_image_name(posixpath.basename(uri))]
-    return {PATH: np.array(uris, dtype=object), RELPATH: np.array([storage.relative_to(u, root) for u in uris], dtype=object)}
+    # --input one image: below itself it is "", and its mask was masks/.png
+    relpaths = [storage.relative_to(u, root) or posixpath.basename(u) for u in uris]
+    errors = ["" if is_utf8(u) else "unreadable name: not UTF-8; rename the file" for u in uris]
+    return {
+        PATH: np.array([u if is_utf8(u) else u.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for u in uris], dtype=object),
+        RELPATH: np.array(relpaths, dtype=object),
+        ERROR: np.array(errors, dtype=object),
+    }
+
+
+def is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def is_image_name(name: str) -> bool:
@@ -298,7 +315,7 @@ def check_predict_config(cfg: PredictConfig):
 def load_images(
     batch: dict[str, np.ndarray], image_size: int, max_pixels: int, resize: str = "stretch", keep_bytes: bool = False
 ) -> dict:
-    """{PATH} (read from storage) or {PATH, BYTES, ERROR} (shard rows) -> adds IMAGE (n, S, S, 3)
+    """{PATH} (read from storage; ERROR too when listed) or {PATH, BYTES, ERROR} (shard rows) -> adds IMAGE (n, S, S, 3)
     uint8 fitted by ``resize`` (:func:`fit_image`), BOX (n, 4) int32, HEIGHT, WIDTH, ERROR ("" when
     ok); BYTES (the encoded image, for --overlays) only with ``keep_bytes``."""
     reuse_freed_memory()

@@ -261,8 +261,10 @@ def run_model_verb(args: argparse.Namespace) -> int:
 
 def run_model_export(args: argparse.Namespace) -> int:
     from raydeeplab.export import export_model
+    from raydeeplab.presets import check_sizes_agree, describe_model
 
     cfg = config_from_args(ExportModelConfig, args)
+    check_sizes_agree(cfg.model, describe_model(cfg.model), cfg.given("num_classes"), cfg.given("image_size"))
     say("model", f"exporting {cfg.model} as {cfg.format} (TensorFlow and tf2onnx run in a child process)")
     written = export_model(cfg.model, cfg.format, cfg.output, cfg.batch_size, cfg.num_classes, cfg.image_size, cfg.model_cache)
     say("model", f"wrote {cfg.output} ({written['bytes'] / 1e6:.1f} MB; inputs, outputs and classes in raydeeplab.json)")

@@ -140,7 +140,10 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
     Only names are held in memory; the bytes are read later, by the workers.
     """
     fs, path = filesystem(root)
-    files = retrying(lambda: [path] if fs.isfile(path) else fs.find(path), root)
+    if is_remote(root):
+        files = retrying(lambda: [path] if fs.isfile(path) else fs.find(path), root)
+    else:
+        files = [path] if os.path.isfile(path) else list(local_files(path))
     out = []
     for f in files:
         name = posixpath.basename(f)
@@ -150,6 +153,25 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
             continue
         out.append(unstrip(fs, f))
     return sorted(out)
+
+
+def local_files(folder: str) -> Iterator[str]:
+    """Every file below a local ``folder``, following links to folders (fsspec's ``find`` listed a
+    link below the top level as a file, and its images were dropped), each real folder once, and
+    never into a link to a folder above it (a loop, which would otherwise list everything again
+    under a longer name before the real folder's own)."""
+    seen = set()
+    for current, subfolders, names in os.walk(folder, followlinks=True):
+        here = os.path.realpath(current)
+        if here in seen:  # reached again through links: a cycle of them, or two links to it
+            subfolders[:] = []
+            continue
+        seen.add(here)
+        subfolders[:] = [
+            sub for sub in subfolders
+            if not (here + os.sep).startswith(os.path.realpath(os.path.join(current, sub)) + os.sep)
+        ]  # fmt: skip
+        yield from (os.path.join(current, name) for name in names)
 
 
 def s3_folder(path: str) -> tuple[str, str]:
@@ -251,7 +273,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     directory, name = os.path.split(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.partial")
+    # not named after ``name``: a name of 214+ bytes (70 CJK characters) made it too long to create
+    tmp = os.path.join(directory, f".{uuid.uuid4().hex}.partial")
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -367,7 +390,7 @@ def open_input(uri: str, text: bool = False) -> io.BufferedReader | io.TextIOWra
     under :func:`retrying`, as whole-object reads are: s3fs and botocore alone give up on a store
     that refuses connections for a few seconds."""
     binary = reader(*filesystem(uri), uri)
-    return io.TextIOWrapper(binary, encoding="utf-8") if text else binary
+    return io.TextIOWrapper(binary, encoding="utf-8-sig") if text else binary  # -sig: a BOM is not text
 
 
 def reader(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> io.BufferedReader:
@@ -579,9 +602,13 @@ def has_files(root: str, extensions: tuple[str, ...]) -> bool:
     if root.startswith("s3://"):
         return any(wanted(posixpath.basename(k)) for k in iter_s3_keys(*s3_folder(path)))
     if not is_remote(root):
-        folders = [path]
+        folders, seen = [path], set()
         while folders:
-            with os.scandir(folders.pop()) as entries:
+            folder = folders.pop()
+            if (real := os.path.realpath(folder)) in seen:  # a link to an ancestor would loop
+                continue
+            seen.add(real)
+            with os.scandir(folder) as entries:
                 for entry in entries:
                     if entry.is_dir():
                         folders.append(entry.path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -61,6 +62,9 @@ def test_s3_to_s3_every_input_gets_one_row_and_a_valid_mask(ray_local, bucket, t
 
 def test_bad_inputs_are_recorded_row_by_row_and_the_rest_succeeds(ray_local, tmp_path, tiny_model):
     expectations = write_corpus(str(tmp_path / "in"))
+    with open(os.fsencode(str(tmp_path / "in")) + b"/caf\xe9.jpg", "wb") as f:  # Latin-1 bytes: not UTF-8
+        f.write(encode_jpeg(photo()))  # it ended the whole job (no Parquet string or hash takes it)
+    expectations["caf\\xe9.jpg"] = "unreadable name: not UTF-8"
     summary = run_predict(config(str(tmp_path / "in"), str(tmp_path / "out"), tiny_model, max_pixels=BOMB_LIMIT))
 
     rows = {r[PATH].rsplit("/", 1)[-1]: r for r in read_rows(str(tmp_path / "out"))}
@@ -76,7 +80,7 @@ def test_bad_inputs_are_recorded_row_by_row_and_the_rest_succeeds(ray_local, tmp
             assert mask.shape == expected, name  # EXIF-rotated: the upright size
     failures = sum(isinstance(e, str) for e in expectations.values())
     assert (summary.ok, summary.failed) == (len(expectations) - failures, failures)
-    assert summary.errors_by_reason == {"empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1}
+    assert summary.errors_by_reason == {"empty file": 1, "corrupt image": 1, "not an image": 1, "too many pixels": 1, "unreadable name": 1}
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +282,16 @@ def test_child_refuses_names_that_leave_the_root(relpath, reason):
     with pytest.raises(storage.UnsafePathError, match=reason):
         storage.child("s3://b/out", relpath)
     assert storage.child("s3://b/out", "a/two..dots/x.png") == "s3://b/out/a/two..dots/x.png"
+
+
+def test_a_long_but_legal_mask_name_is_written(tmp_path):
+    """The atomic write's temporary sibling was named after the file plus 42 bytes: a mask name of
+    214-255 bytes (70 CJK characters and an extension) failed with ENAMETOOLONG, for good (its
+    row said "write failed", and a rerun skips it)."""
+    name = "图" * 80 + ".jpg.png"  # 248 bytes in UTF-8: legal, as its source image's name was
+    assert len(name.encode()) <= 255
+    storage.write_bytes(str(tmp_path / name), b"mask")
+    assert (tmp_path / name).read_bytes() == b"mask" and os.listdir(tmp_path) == [name]
 
 
 @pytest.mark.parametrize(

@@ -245,6 +245,11 @@ CASES = {
         {},
         ["--output {cwd}/{read_only}/onnx", "cannot write here (PermissionError", "choose a folder you can write"],
     ),
+    "model export --num-classes other than the preset's (it was ignored)": (
+        ["model", "export", "--model", "tiny5", "--format", "saved_model", "--output", "exported", "--num-classes", "7"],
+        {},
+        ["--num-classes 7 disagrees with --model {cwd}/tiny5, which has 5", "drop --num-classes"],
+    ),
     "model export of a preset that fails to load (found by the TensorFlow process)": (
         ["model", "export", "--model", "misfit", "--format", "saved_model", "--output", "exported"],
         {},

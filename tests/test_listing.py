@@ -134,3 +134,76 @@ def test_a_long_manifest_is_read_in_chunks_that_add_up_to_pyarrows_whole_read(tm
     chunks = [chunk["path"] for chunk in iter_manifest(str(manifest), ("path",), rows=65536)]
     assert [v for chunk in chunks for v in chunk] == reference == entries
     assert len(chunks) >= 3 and max(map(len, chunks)) <= 65536  # never the whole list at once
+
+
+def test_manifests_read_their_path_column_as_written(tmp_path):
+    """What users' lists hold: a CSV whose other column looks numeric for its first block and
+    then holds text (the read ended mid-job, and again on every rerun), ids that look like
+    numbers, a BOM and CRLF lines, Parquet BINARY paths; and a missing ``path`` column or a
+    non-UTF-8 list fail naming the file (the first column was taken, or a raw decode error)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raydeeplab.data.manifests import ManifestError, read_manifest
+
+    rows = [f"imgs/{i:04d}.jpg,{i % 7}" for i in range(60_000)] + ["imgs/last.jpg,unknown"]
+    (tmp_path / "typed.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    paths = read_manifest(str(tmp_path / "typed.csv"), ("path",))["path"]
+    assert len(paths) == 60_001 and paths[-1] == "imgs/last.jpg"
+    (tmp_path / "ids.csv").write_text("path\n0001\n0002\n")
+    assert read_manifest(str(tmp_path / "ids.csv"), ("path",)) == {"path": ["0001", "0002"]}
+    (tmp_path / "bom.txt").write_bytes("\ufeffimgs/a.jpg\r\nimgs/b.jpg\r\n".encode())
+    assert read_manifest(str(tmp_path / "bom.txt"), ("path",)) == {"path": ["imgs/a.jpg", "imgs/b.jpg"]}
+    pq.write_table(pa.table({"path": pa.array([b"s3://b/in/a.jpg"], pa.binary())}), tmp_path / "binary.parquet")
+    assert read_manifest(str(tmp_path / "binary.parquet"), ("path",)) == {"path": ["s3://b/in/a.jpg"]}
+
+    (tmp_path / "no-path.csv").write_text("id, path\n1,a.jpg\n")
+    pq.write_table(pa.table({"id": [1], "image_path": ["a.jpg"]}), tmp_path / "no-path.parquet")
+    for name, header in (("no-path.csv", "'id', ' path'"), ("no-path.parquet", "'id', 'image_path'")):
+        with pytest.raises(ManifestError, match=f"{name}: no column path \\(its header: {header}\\)"):
+            read_manifest(str(tmp_path / name), ("path",))
+    (tmp_path / "utf16.txt").write_text("imgs/a.jpg\n", encoding="utf-16")
+    with pytest.raises(ManifestError, match="utf16.txt: line 1 is not UTF-8 text"):
+        read_manifest(str(tmp_path / "utf16.txt"), ("path",))
+
+
+def test_one_image_as_input_keeps_its_name_below_output(tmp_path, bucket):
+    """Its path below itself is "": the mask was masks/.png, hidden, and the next such run's
+    mask replaced it."""
+    import numpy as np
+
+    from raydeeplab.batch import list_unit
+
+    storage.write_bytes(str(tmp_path / "p1.jpg"), b"x")
+    storage.write_bytes(f"{bucket}/one/p1.jpg", b"x")
+    for root in (str(tmp_path / "p1.jpg"), f"{bucket}/one/p1.jpg"):
+        units = listing_units(root, 8)
+        assert units == [(root, "file")]
+        rows = list_unit({"unit": np.array([units[0][0]]), "kind": np.array([units[0][1]])}, root)
+        assert list(rows[PATH]) == [root] and list(rows[RELPATH]) == ["p1.jpg"]
+
+
+def test_linked_folders_at_any_depth_are_listed_and_a_loop_ends(tmp_path):
+    """fsspec's find() listed a link to a folder below the top level as one file, which the image
+    filter dropped, while the images check followed it: those images were lost without a word.
+    A link back to an ancestor must not loop."""
+    from raydeeplab.batch import list_unit
+
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "p1.jpg").write_bytes(b"x")
+    root = tmp_path / "in"
+    (root / "2024").mkdir(parents=True)
+    (root / "2024" / "cam1").symlink_to(tmp_path / "elsewhere")
+    (root / "cam0").symlink_to(tmp_path / "elsewhere")
+    (root / "2024" / "back").symlink_to(root)  # a loop
+    listed = set()
+    for unit, kind in listing_units(str(root), 8):
+        import numpy as np
+
+        listed |= set(list_unit({"unit": np.array([unit]), "kind": np.array([kind])}, str(root))[RELPATH])
+    assert {"2024/cam1/p1.jpg", "cam0/p1.jpg"} <= listed
+    assert storage.has_files(str(root / "2024"), (".jpg",))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "self").symlink_to(tmp_path / "empty")
+    assert not storage.has_files(str(tmp_path / "empty"), (".jpg",))
+    assert storage.list_files(str(tmp_path / "empty")) == []

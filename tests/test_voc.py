@@ -91,7 +91,7 @@ def test_generic_folders_and_manifests_list_the_same_pairs(root):
         assert generic_pairs(storage.join(root, name)) == pairs, name
 
     storage.write_bytes(storage.join(root, "bad.csv"), b"path,label\na.jpg,a.png\n")
-    with pytest.raises(DatasetError, match=r"bad\.csv: manifest needs columns image,mask"):
+    with pytest.raises(DatasetError, match=r"bad\.csv: no column image, mask \(its header: 'path', 'label'\)"):
         generic_pairs(storage.join(root, "bad.csv"))
 
 
