@@ -159,11 +159,11 @@ def list_unit(batch: dict[str, np.ndarray], root: str) -> dict[str, np.ndarray]:
     uris = [uri for uri in uris if is_image_name(posixpath.basename(uri))]
     # --input one image: below itself it is "", and its mask was masks/.png
     relpaths = [storage.relative_to(u, root) or posixpath.basename(u) for u in uris]
-    errors = ["" if is_utf8(u) else "unreadable name: not UTF-8; rename the file" for u in uris]
+    named = [is_utf8(u) for u in uris]
     return {
-        PATH: np.array([u if is_utf8(u) else u.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for u in uris], dtype=object),
+        PATH: np.array([u if ok else u.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace") for u, ok in zip(uris, named)], dtype=object),
         RELPATH: np.array(relpaths, dtype=object),
-        ERROR: np.array(errors, dtype=object),
+        ERROR: np.array(["" if ok else "unreadable name: not UTF-8; rename the file" for ok in named], dtype=object),
     }
 
 

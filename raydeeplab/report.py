@@ -108,9 +108,8 @@ class RunRows:
         rows = cls(np.zeros(num_classes, np.int64))
         fs, _ = storage.filesystem(output)
         for uri in storage.list_files(storage.join(output, PREDICTIONS_DIR), (".parquet",)):
-            data = io.BytesIO(storage.read_bytes(uri))
-            columns = [c for c in (PATH, ERROR, MASK_PATH, CLASS_PIXELS, CONFIDENCE) if c in pq.read_schema(data).names]
-            table = pq.read_table(data, columns=columns)
+            part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
+            table = part.read(columns=[c for c in (PATH, ERROR, MASK_PATH, CLASS_PIXELS, CONFIDENCE) if c in part.schema_arrow.names])
             rows.parts.append((fs.modified(storage.filesystem(uri)[1]).timestamp(), table.num_rows))
             for row in table.to_pylist():
                 rows.add(row)

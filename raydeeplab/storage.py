@@ -156,22 +156,28 @@ def list_files(root: str, extensions: tuple[str, ...] | None = None) -> list[str
 
 
 def local_files(folder: str) -> Iterator[str]:
-    """Every file below a local ``folder``, following links to folders (fsspec's ``find`` listed a
-    link below the top level as a file, and its images were dropped), each real folder once, and
-    never into a link to a folder above it (a loop, which would otherwise list everything again
-    under a longer name before the real folder's own)."""
-    seen = set()
-    for current, subfolders, names in os.walk(folder, followlinks=True):
+    """Every file below a local ``folder``, one folder's iterator at a time (a caller that stops
+    early never lists a flat folder whole), following links to folders (fsspec's ``find`` listed
+    a link below the top level as a file, and its images were dropped), each real folder once,
+    and never into a link to a folder above it (a loop, which would otherwise list everything
+    again under a longer name before the real folder's own)."""
+    folders, seen = [folder], set()
+    while folders:
+        current = folders.pop()
         here = os.path.realpath(current)
         if here in seen:  # reached again through links: a cycle of them, or two links to it
-            subfolders[:] = []
             continue
         seen.add(here)
-        subfolders[:] = [
-            sub for sub in subfolders
-            if not (here + os.sep).startswith(os.path.realpath(os.path.join(current, sub)) + os.sep)
-        ]  # fmt: skip
-        yield from (os.path.join(current, name) for name in names)
+        try:
+            entries = os.scandir(current)
+        except OSError:  # gone or unreadable: nothing below it, as os.walk and fsspec's find say
+            continue
+        with entries:
+            for entry in entries:
+                if not entry.is_dir():
+                    yield entry.path
+                elif not (entry.is_symlink() and (here + os.sep).startswith(os.path.realpath(entry.path) + os.sep)):
+                    folders.append(entry.path)
 
 
 def s3_folder(path: str) -> tuple[str, str]:
@@ -602,17 +608,5 @@ def has_files(root: str, extensions: tuple[str, ...]) -> bool:
     if root.startswith("s3://"):
         return any(wanted(posixpath.basename(k)) for k in iter_s3_keys(*s3_folder(path)))
     if not is_remote(root):
-        folders, seen = [path], set()
-        while folders:
-            folder = folders.pop()
-            if (real := os.path.realpath(folder)) in seen:  # a link to an ancestor would loop
-                continue
-            seen.add(real)
-            with os.scandir(folder) as entries:
-                for entry in entries:
-                    if entry.is_dir():
-                        folders.append(entry.path)
-                    elif wanted(entry.name):
-                        return True
-        return False
+        return any(wanted(os.path.basename(name)) for name in local_files(path))
     return any(any(map(wanted, files)) for _, _, files in fs.walk(path))
